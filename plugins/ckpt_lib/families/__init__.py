@@ -1,0 +1,115 @@
+"""Family tables: declarative, reversible relations between a source format's tensor names and
+protocol keys. A new model family is a new table; loaders run a table forwards, `saver_hf` runs
+the same table backwards, so a round trip is correct by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConversionError
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Op:
+    """A reversible tensor operation between source tensors and protocol tensors."""
+
+    name: str
+    forward: Callable[[Tensors, Any], Tensors]
+    backward: Callable[[Tensors, Any], Tensors]
+
+
+def _identity(tensors: Tensors, md: Any) -> Tensors:
+    return tensors
+
+
+def _interleave_qkv(tensors: Tensors, md: Any) -> Tensors:
+    """HF q, k, v -> Megatron's per-query-group interleaved [q heads of g; k_g; v_g] rows."""
+    q, k, v = tensors
+    groups, dim = md.num_query_groups, md.kv_channels
+    heads_per_group = md.num_attention_heads // groups
+    expect = (md.num_attention_heads * dim, groups * dim, groups * dim)
+    if (q.shape[0], k.shape[0], v.shape[0]) != expect:
+        raise ConversionError(
+            f"q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows, expected {expect[0]}/{expect[1]}/{expect[2]} "
+            f"for {md.num_attention_heads} heads, {groups} query groups, head dim {dim}"
+        )
+    rest = q.shape[1:]
+    fused = torch.cat(
+        [q.reshape(groups, heads_per_group * dim, *rest), k.reshape(groups, dim, *rest), v.reshape(groups, dim, *rest)],
+        dim=1,
+    )
+    return (fused.reshape(-1, *rest),)
+
+
+def _deinterleave_qkv(tensors: Tensors, md: Any) -> Tensors:
+    """Inverse of `_interleave_qkv`."""
+    (fused,) = tensors
+    groups, dim = md.num_query_groups, md.kv_channels
+    heads_per_group = md.num_attention_heads // groups
+    rows = (heads_per_group + 2) * dim * groups
+    if fused.shape[0] != rows:
+        raise ConversionError(f"linear_qkv has {fused.shape[0]} rows, expected {rows}")
+    rest = fused.shape[1:]
+    q, k, v = torch.split(fused.reshape(groups, (heads_per_group + 2) * dim, *rest), [heads_per_group * dim, dim, dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+RENAME = Op("rename", _identity, _identity)
+QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """Source names (relative to a prefix) <-> protocol keys through `op`, when `md.<when>` holds."""
+
+    source: tuple[str, ...]
+    keys: tuple[str, ...]
+    op: Op = RENAME
+    when: str | None = None
+
+    def applies(self, md: Any) -> bool:
+        return self.when is None or bool(getattr(md, self.when, False))
+
+
+@dataclass(frozen=True)
+class Section:
+    """One protocol message (`message`, or a layer when `message` is None) and its relations."""
+
+    message: str | None
+    prefix: str
+    relations: tuple[Relation, ...]
+    when: str | None = None
+
+    def applies(self, md: Any) -> bool:
+        return self.when is None or bool(getattr(md, self.when, False))
+
+    def active(self, md: Any) -> list[Relation]:
+        return [r for r in self.relations if r.applies(md)]
+
+
+def to_protocol(section: Section, read: Callable[[str], torch.Tensor], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
+    """Run a section forwards: read source tensors, return protocol key -> tensor."""
+    prefix = section.prefix.format(layer=layer)
+    out: dict[str, torch.Tensor] = {}
+    for rel in section.active(md):
+        produced = rel.op.forward(tuple(read(prefix + s) for s in rel.source), md)
+        out.update(zip(rel.keys, produced))
+    return out
+
+
+def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
+    """Run a section backwards: pop protocol keys from `msg`, return source name -> tensor."""
+    from ..protocol import take
+
+    prefix = section.prefix.format(layer=layer)
+    out: dict[str, torch.Tensor] = {}
+    for rel in section.active(md):
+        produced = rel.op.backward(tuple(take(msg, k) for k in rel.keys), md)
+        out.update((prefix + s, t) for s, t in zip(rel.source, produced))
+    return out

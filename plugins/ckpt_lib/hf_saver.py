@@ -1,0 +1,115 @@
+"""Protocol messages -> HuggingFace safetensors shards + config.json, streaming shard by shard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import protocol as P
+from .errors import ConversionError
+from .families import dense, from_protocol
+from .runtime import Summary, progress
+from .safetensors_io import ShardedWriter, parse_size
+from .staging import StagedDir, check_target
+
+# Files copied from --hf-config-dir besides config.json (tokenizer and generation settings).
+COMPANION_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+# config.json fields that must agree with the checkpoint.
+CONFIG_CHECKS = (
+    ("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"), ("intermediate_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_query_groups"),
+)
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
+    group.add_argument("--hf-config-dir", type=str, default=None,
+                       help="HF directory whose config.json (and tokenizer/generation files) describe the output")
+    group.add_argument("--max-shard-size", type=str, default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB")
+    group.add_argument("--true-vocab-size", type=int, default=None,
+                       help="Rows of the output vocabulary (default: from the source, else config.json)")
+    group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
+
+
+def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
+    """config.json for the output: --hf-config-dir's, else the source's, else rebuilt; checked against md."""
+    if args.hf_config_dir:
+        path = Path(args.hf_config_dir) / "config.json"
+        if not path.is_file():
+            raise ConversionError(f"--hf-config-dir {args.hf_config_dir}: missing config.json")
+        cfg = json.loads(path.read_text())
+    elif getattr(md, "hf_config", None):
+        cfg = dict(md.hf_config)
+    else:
+        vocab = args.true_vocab_size or md.true_vocab_size
+        if vocab is None:
+            raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
+        cfg = dense.hf_config_from_metadata(md, vocab)
+    for hf_key, md_key in CONFIG_CHECKS:
+        if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
+            raise ConversionError(f"config.json {hf_key}={cfg[hf_key]} disagrees with the checkpoint's {md_key}={getattr(md, md_key)}")
+    if cfg.get("tie_word_embeddings", False) == bool(md.output_layer):
+        raise ConversionError(f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings', False)} disagrees with the checkpoint")
+    cfg["dtype"] = str(md.params_dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    return cfg
+
+
+def save(queue: Any, args: argparse.Namespace) -> None:
+    reader = P.MessageReader(queue, getattr(args, "checking", True))
+    md = reader.get_raw()
+    if not isinstance(md, argparse.Namespace):
+        raise ConversionError("the first message must be the metadata Namespace")
+    md.learned_absolute = md.position_embedding_type == "learned_absolute"
+    if md.learned_absolute:
+        raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")
+    check_target(args.save_dir, args.overwrite)
+    cfg = output_config(args, md)
+    vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
+    summary = Summary("saver_hf")
+    staged = StagedDir(args.save_dir, args.overwrite)
+    try:
+        writer = ShardedWriter(staged.path, parse_size(args.max_shard_size))
+
+        def emit(msg: dict[str, Any], section: Any, layer: int | None = None) -> None:
+            for name, tensor in from_protocol(section, msg, md, layer).items():
+                if section in (dense.EMBEDDING, dense.OUTPUT):
+                    if tensor.shape[0] < vocab:
+                        raise ConversionError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {vocab}")
+                    tensor = tensor[:vocab]
+                writer.add(name, tensor)
+            reader.finish(msg)
+
+        emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
+        expected = P.layer_shapes(md)
+        for layer in progress(range(md.num_layers), md.num_layers, "saver_hf"):
+            msg = reader.get(P.layer_message(layer))
+            P.check_shapes(msg, expected, P.layer_message(layer))
+            emit(msg, dense.LAYER, layer)
+        emit(reader.get(P.FINAL_NORM), dense.FINAL_NORM)
+        if md.output_layer:
+            emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)
+        end = reader.get_raw()
+        if end != P.DONE:
+            raise ConversionError(f"unsupported message '{end.get('name') if isinstance(end, dict) else end}'")
+        for path in writer.close():
+            summary.add_file(path.stat().st_size)
+        cfg["vocab_size"] = vocab
+        (staged.path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if args.hf_config_dir:
+            for name in COMPANION_FILES:
+                src = Path(args.hf_config_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, staged.path / name)
+        target = staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    summary.notes.append(f"{cfg.get('architectures', ['?'])[0]} dtype {cfg['dtype']} vocab {vocab}")
+    summary.print(target)

@@ -1,0 +1,187 @@
+"""Megatron legacy `torch` checkpoints: directory layout, rank files, the `args` Namespace.
+
+Layout (REFERENCE §2): `latest_checkpointed_iteration.txt`; `iter_{it:07d}/` (or `release/`);
+`mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt` holding `model` (or `model0..` per
+virtual chunk), `args`, `checkpoint_version` and `iteration`.
+
+Reading never runs arbitrary pickles: files are loaded with `weights_only=True` and memory-mapped;
+the only globals admitted are argparse.Namespace and opaque stand-ins for Megatron's own enum
+and config classes found in `args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
+    name = f"mp_rank_{tp:02d}"
+    if pp_size > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]], args: argparse.Namespace, iteration: int | str) -> int:
+    """Write one rank file; a single chunk is stored as `model`, several as `model0..`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
+    if len(chunks) == 1:
+        state["model"] = chunks[0]
+    else:
+        state.update({f"model{i}": c for i, c in enumerate(chunks)})
+    torch.save(state, path)
+    return path.stat().st_size
+
+
+def write_tracker(root: Path, iteration: int | str) -> None:
+    (root / TRACKER).write_text(f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n")
+
+
+class _Opaque:
+    """Stand-in for a Megatron class pickled inside `args` (enums, dataclasses): kept, never run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _stand_ins(path: Path) -> list[Any]:
+    allowed: list[Any] = [argparse.Namespace]
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+        if name == "argparse.Namespace":
+            continue
+        if not name.startswith(("megatron.", "mindspeed", "transformer_engine.", "enum.")):
+            raise ConversionError(f"{path}: refusing to unpickle {name}; it is not a plain Megatron checkpoint")
+        stand_in = type(name.rsplit(".", 1)[-1], (_Opaque,), {})
+        allowed.append((stand_in, name))
+    return allowed
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    """Memory-map a rank file; tensors stay on disk until touched."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing rank file")
+    try:
+        with torch.serialization.safe_globals(_stand_ins(path)):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except ConversionError:
+        raise
+    except Exception as e:  # torch raises several types for corrupt zips and pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path}: cannot read checkpoint ({first})") from None
+
+
+def find_iteration_dir(load_dir: Path) -> tuple[Path, int | str]:
+    """The directory named by the tracker file (or the only iteration directory present)."""
+    if not load_dir.is_dir():
+        raise ConversionError(f"--load-dir {load_dir}: not a directory")
+    tracker = load_dir / TRACKER
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        iteration: int | str = "release" if text == "release" else int(text)
+        path = load_dir / iteration_dir_name(iteration)
+        if not path.is_dir():
+            raise ConversionError(f"{tracker} names iteration {text}, but {path} is missing")
+        return path, iteration
+    candidates = sorted(p for p in load_dir.iterdir() if p.is_dir() and (p.name == "release" or p.name.startswith("iter_")))
+    if len(candidates) != 1:
+        raise ConversionError(f"--load-dir {load_dir}: no {TRACKER} and {len(candidates)} iteration directories")
+    name = candidates[0].name
+    return candidates[0], "release" if name == "release" else int(name[5:])
+
+
+def rank_grid(iteration_dir: Path) -> dict[tuple[int, int, int], Path]:
+    """(tp, pp, ep) -> rank file for every `mp_rank_*` directory, checked to be a full grid."""
+    grid: dict[tuple[int, int, int], Path] = {}
+    for d in iteration_dir.iterdir():
+        m = RANK_DIR.match(d.name)
+        if m and d.is_dir():
+            grid[(int(m[1]), int(m[2] or 0), int(m[3] or 0))] = d / RANK_FILE
+    if not grid:
+        raise ConversionError(f"{iteration_dir}: no mp_rank_* directories")
+    sizes = [1 + max(k[i] for k in grid) for i in range(3)]
+    for tp in range(sizes[0]):
+        for pp in range(sizes[1]):
+            for ep in range(sizes[2]):
+                if (tp, pp, ep) not in grid:
+                    raise ConversionError(f"{iteration_dir}: missing {rank_dir_name(tp, pp, ep, sizes[1], sizes[2])}")
+    return grid
+
+
+def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, padded_vocab_size: int, transformer_impl: str,
+                  params_dtype: torch.dtype, num_layer_list: list[int] | None,
+                  layers_per_virtual_stage: int | None) -> argparse.Namespace:
+    """A complete `args` Namespace, enough for Megatron-LM's `--use-checkpoint-args` and loaders."""
+    chunks = None
+    if layers_per_virtual_stage:
+        chunks = md.num_layers // pp // layers_per_virtual_stage
+    return argparse.Namespace(
+        num_layers=md.num_layers,
+        hidden_size=md.hidden_size,
+        ffn_hidden_size=md.ffn_hidden_size,
+        num_attention_heads=md.num_attention_heads,
+        num_query_groups=md.num_query_groups,
+        group_query_attention=md.num_query_groups != md.num_attention_heads,
+        kv_channels=md.kv_channels,
+        max_position_embeddings=md.max_position_embeddings,
+        seq_length=md.seq_length,
+        position_embedding_type=md.position_embedding_type,
+        use_rotary_position_embeddings=md.position_embedding_type == "rope",
+        rotary_base=md.rotary_base,
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        normalization=md.normalization,
+        norm_epsilon=md.norm_epsilon,
+        swiglu=md.swiglu,
+        add_bias_linear=md.linear_bias,
+        add_qkv_bias=md.qkv_bias,
+        qk_layernorm=bool(getattr(md, "qk_layernorm", False)),
+        untie_embeddings_and_output_weights=md.output_layer,
+        padded_vocab_size=padded_vocab_size,
+        vocab_size=getattr(md, "vocab_size", None),
+        true_vocab_size=md.true_vocab_size,
+        make_vocab_size_divisible_by=md.make_vocab_size_divisible_by,
+        tokenizer_type=md.tokenizer_type,
+        params_dtype=params_dtype,
+        fp16=params_dtype == torch.float16,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=1,
+        expert_tensor_parallel_size=tp,
+        virtual_pipeline_model_parallel_size=chunks,
+        num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage,
+        num_layer_list=",".join(map(str, num_layer_list)) if num_layer_list else None,
+        data_parallel_size=1,
+        world_size=tp * pp,
+        sequence_parallel=False,
+        apply_query_key_layer_scaling=False,
+        num_experts=None,
+        transformer_impl=transformer_impl,
+        use_mcore_models=True,
+        use_legacy_models=False,
+        ckpt_format="torch",
+        iteration=md.iteration,
+        consumed_train_samples=getattr(md, "consumed_train_samples", 0),
+        consumed_valid_samples=getattr(md, "consumed_valid_samples", 0),
+        hf_config=getattr(md, "hf_config", None),
+    )

@@ -1,0 +1,176 @@
+"""Megatron-LM `tools/checkpoint` queue protocol: message names, keys, metadata, checked receive.
+
+Upstream names are kept exactly (REFERENCE §1). Extensions, all optional and announced in the
+metadata so upstream savers never see a key they do not expect unless the model needs it:
+- `md.qk_layernorm` and layer keys `q norm weight` / `k norm weight` (Qwen3-style q/k RMSNorm);
+- `md.ffn_hidden_size`, `md.num_query_groups`, `md.kv_channels`, `md.normalization`,
+  `md.norm_epsilon`, `md.rotary_base`, `md.vocab_size` mirrored at top level for savers that do
+  not read `checkpoint_args`;
+- `md.hf_config` (the source HF `config.json` as a dict, or None) so mcore -> HF can restore it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+
+EMBEDDINGS = "embeddings"
+FINAL_NORM = "final norm"
+OUTPUT_LAYER = "output layer"
+DONE = "done"
+EXIT = "exit"
+
+
+def layer_message(index: int) -> str:
+    return f"transformer layer {index}"
+
+
+# Per-layer keys (upstream) and extensions.
+INPUT_NORM_W, INPUT_NORM_B = "input norm weight", "input norm bias"
+QKV_W, QKV_B = "qkv weight", "qkv bias"
+DENSE_W, DENSE_B = "dense weight", "dense bias"
+POST_NORM_W, POST_NORM_B = "post norm weight", "post norm bias"
+FC1_W, FC1_B = "mlp l0 weight", "mlp l0 bias"
+FC1_GATE_W, FC1_UP_W = "mlp l0 weight W", "mlp l0 weight V"
+FC1_GATE_B, FC1_UP_B = "mlp l0 bias W", "mlp l0 bias V"
+FC2_W, FC2_B = "mlp l1 weight", "mlp l1 bias"
+Q_NORM_W, K_NORM_W = "q norm weight", "k norm weight"
+WORD_EMB, POS_EMB = "word embeddings", "position embeddings"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Fields every metadata Namespace carries (upstream saver_core reads all of these).
+UPSTREAM_FIELDS = (
+    "model_type", "num_layers", "hidden_size", "seq_length", "num_attention_heads",
+    "max_position_embeddings", "tokenizer_type", "iteration", "params_dtype", "bert_binary_head",
+    "output_layer", "position_embedding_type", "linear_bias", "qkv_bias", "norm_has_bias", "swiglu",
+    "true_vocab_size", "make_vocab_size_divisible_by", "num_experts", "previous_tensor_parallel_size",
+    "previous_pipeline_parallel_size", "consumed_train_samples", "consumed_valid_samples",
+)
+EXTENSION_FIELDS = (
+    "ffn_hidden_size", "num_query_groups", "kv_channels", "normalization", "norm_epsilon",
+    "rotary_base", "qk_layernorm", "vocab_size", "hf_config",
+)
+
+
+def make_metadata(**fields: Any) -> argparse.Namespace:
+    """Metadata for the first queue message, valid for upstream `saver_core` and ours.
+
+    `checkpoint_args` mirrors the model fields under Megatron's argument names, since upstream
+    savers copy model options from there.
+    """
+    missing = [f for f in UPSTREAM_FIELDS + EXTENSION_FIELDS if f not in fields]
+    if missing:
+        raise ValueError(f"metadata is missing {missing}")
+    md = argparse.Namespace(**fields)
+    md.checkpoint_args = argparse.Namespace(
+        num_layers=md.num_layers,
+        hidden_size=md.hidden_size,
+        ffn_hidden_size=md.ffn_hidden_size,
+        num_attention_heads=md.num_attention_heads,
+        num_query_groups=md.num_query_groups,
+        group_query_attention=md.num_query_groups != md.num_attention_heads,
+        kv_channels=md.kv_channels,
+        max_position_embeddings=md.max_position_embeddings,
+        seq_length=md.seq_length,
+        position_embedding_type=md.position_embedding_type,
+        rotary_base=md.rotary_base,
+        normalization=md.normalization,
+        norm_epsilon=md.norm_epsilon,
+        swiglu=md.swiglu,
+        add_bias_linear=md.linear_bias,
+        add_qkv_bias=md.qkv_bias,
+        qk_layernorm=md.qk_layernorm,
+        untie_embeddings_and_output_weights=md.output_layer,
+        sequence_parallel=False,
+        apply_query_key_layer_scaling=False,
+        tokenizer_type=md.tokenizer_type,
+        params_dtype=md.params_dtype,
+        bf16=md.params_dtype == torch.bfloat16,
+        fp16=md.params_dtype == torch.float16,
+        make_vocab_size_divisible_by=md.make_vocab_size_divisible_by,
+    )
+    return md
+
+
+class LoaderExited(Exception):
+    """The loader put "exit" on the queue."""
+
+
+class MessageReader:
+    """Receives queue messages in protocol order and rejects unexpected or leftover keys."""
+
+    def __init__(self, queue: Any, checking: bool = True) -> None:
+        self.queue = queue
+        self.checking = checking
+
+    def get_raw(self) -> Any:
+        msg = self.queue.get()
+        if isinstance(msg, str) and msg == EXIT:
+            raise LoaderExited("the loader failed; nothing was written")
+        return msg
+
+    def get(self, name: str) -> dict[str, Any]:
+        msg = self.get_raw()
+        got = msg if isinstance(msg, str) else msg.get("name")
+        if got != name and (self.checking or isinstance(msg, str)):
+            raise ConversionError(f'unexpected message: expected "{name}", got "{got}"')
+        return msg
+
+    def finish(self, msg: dict[str, Any]) -> None:
+        """Every key of a message must have been consumed (popped) by the saver."""
+        name = msg.pop("name", "?")
+        if self.checking and msg:
+            raise ConversionError(
+                f"unexpected keys in message '{name}': {sorted(msg)} (use --no-checking to ignore)"
+            )
+
+
+def take(msg: dict[str, Any], key: str) -> Any:
+    """Pop a required key, naming the message when it is absent."""
+    if key not in msg:
+        raise ConversionError(f"message '{msg.get('name')}' lacks '{key}'")
+    return msg.pop(key)
+
+
+def layer_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every dense layer key the metadata implies (what savers check)."""
+    h, f, kv = md.hidden_size, md.ffn_hidden_size, md.kv_channels
+    qkv_rows = (md.num_attention_heads + 2 * md.num_query_groups) * kv
+    shapes = {INPUT_NORM_W: (h,), QKV_W: (qkv_rows, h), DENSE_W: (h, md.num_attention_heads * kv), POST_NORM_W: (h,), FC2_W: (h, f)}
+    if md.norm_has_bias:
+        shapes.update({INPUT_NORM_B: (h,), POST_NORM_B: (h,)})
+    if md.qkv_bias:
+        shapes[QKV_B] = (qkv_rows,)
+    if getattr(md, "qk_layernorm", False):
+        shapes.update({Q_NORM_W: (kv,), K_NORM_W: (kv,)})
+    if md.swiglu:
+        shapes.update({FC1_GATE_W: (f, h), FC1_UP_W: (f, h)})
+    else:
+        shapes[FC1_W] = (f, h)
+    if md.linear_bias:
+        shapes.update({DENSE_B: (h,), FC2_B: (h,)})
+        shapes.update({FC1_GATE_B: (f,), FC1_UP_B: (f,)} if md.swiglu else {FC1_B: (f,)})
+    return shapes
+
+
+def check_shapes(msg: dict[str, Any], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every expected key present with its shape; raised before anything is written."""
+    for key, shape in expected.items():
+        if key not in msg:
+            raise ConversionError(f"{where}: missing '{key}'")
+        got = tuple(msg[key].shape)
+        if got != shape:
+            raise ConversionError(f"{where}: '{key}' has shape {list(got)}, expected {list(shape)}")
+
+
+def global_shapes(md: argparse.Namespace, vocab_rows: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Expected shapes of the non-layer messages, for a vocabulary table of `vocab_rows` rows."""
+    h = md.hidden_size
+    norm = {"weight": (h,), **({"bias": (h,)} if md.norm_has_bias else {})}
+    return {EMBEDDINGS: {WORD_EMB: (vocab_rows, h)}, FINAL_NORM: norm, OUTPUT_LAYER: {"weight": (vocab_rows, h)}}

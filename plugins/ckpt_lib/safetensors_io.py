@@ -1,0 +1,219 @@
+"""Safetensors reading (lazy, memory-mapped, index-aware, validated) and sharded writing.
+
+Reading maps each file copy-on-write and wraps tensors with `torch.frombuffer`: no bytes are
+copied until a tensor is transformed, and the page cache is shared with other processes.
+Headers are validated up front so a truncated or lying file fails before any output is written.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import ConversionError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """One safetensors file: validated header, tensors served from a private memory map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors header (header length {n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ConversionError(f"{path}: tensor {name!r} has an invalid header entry") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if min(shape, default=1) < 0 or end - begin != numel * itemsize or begin < 0:
+                raise ConversionError(f"{path}: tensor {name!r} header size does not match its shape {list(shape)}")
+            if end > data_size:
+                raise ConversionError(f"{path}: truncated file: tensor {name!r} ends at byte {end} of {data_size}")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._map: mmap.mmap | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+        return flat.view(dtype).reshape(shape)
+
+
+class SafetensorsSource:
+    """All tensors of a checkpoint spread over safetensors files; tracks which were read."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.files = [SafetensorsFile(Path(p)) for p in files]
+        self.where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for name in f.entries:
+                if name in self.where:
+                    raise ConversionError(f"tensor {name!r} appears in both {self.where[name].path} and {f.path}")
+                self.where[name] = f
+        self.used: set[str] = set()
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "SafetensorsSource":
+        """Open an HF-style directory: by its index when present, else every *.safetensors file."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConversionError(f"--load-dir {directory}: not a directory")
+        index = directory / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: invalid index ({e})") from None
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if not (directory / n).exists():
+                    raise ConversionError(f"{index}: lists shard {n}, which is missing")
+            source = cls(directory / n for n in names)
+            for name, shard in weight_map.items():
+                if name not in source.where or source.where[name].path.name != shard:
+                    raise ConversionError(f"{index}: tensor {name!r} is not in {shard}")
+            return source
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"--load-dir {directory}: no .safetensors files found")
+        return cls(files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.where[name].entries[name][0]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+        self.used.add(name)
+        return self.where[name].get(name)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.where) - self.used)
+
+    def nbytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self.files)
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write one safetensors file straight from tensor memory (no serialisation copy). Returns bytes."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_CODES:
+            raise ConversionError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return 8 + len(raw) + offset
+
+
+class ShardedWriter:
+    """Writes tensors into HF-style shards of at most `max_shard_bytes` as they arrive."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.bytes_written = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.pending and self.pending_bytes + tensor.nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.shards):05d}.tmp"
+        self.bytes_written += write_file(path, self.pending)
+        self.shards.append((path, list(self.pending)))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Name the shards like `save_pretrained` and write the index when there are several."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        final: list[Path] = []
+        weight_map: dict[str, str] = {}
+        for i, (tmp, names) in enumerate(self.shards):
+            name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(tmp, self.directory / name)
+            final.append(self.directory / name)
+            weight_map.update(dict.fromkeys(names, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB', or a plain byte count."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(text).strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise ConversionError(f"--max-shard-size: cannot parse {text!r} (e.g. 5GB, 500MB)") from None

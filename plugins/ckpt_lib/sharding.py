@@ -1,0 +1,86 @@
+"""Tensor-parallel sharding rules and their inverses (gather). Pure tensor functions, no I/O.
+
+Rules (Megatron-Core naming):
+- `replicated`: every rank holds the whole tensor (norms, biases of row-parallel linears).
+- `column`: split on dim 0 (linear_qkv, q/k/v already interleaved per query group; vocab tables).
+- `row`: split on dim 1 (linear_proj, linear_fc2).
+- `gated`: SwiGLU linear_fc1 built from two halves (gate W, up V); each is split on dim 0 and
+  rank i holds `[W_i; V_i]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConversionError
+
+REPLICATED, COLUMN, ROW, GATED = "replicated", "column", "row", "gated"
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns exactly its bytes.
+
+    torch.save writes a view's whole storage, so slices must be copied before saving; tensors that
+    already own their storage are passed through without a copy.
+    """
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
+def _check_divisible(size: int, tp: int, what: str) -> None:
+    if size % tp:
+        raise ConversionError(f"{what}: size {size} is not divisible by tensor parallel size {tp}")
+
+
+def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor") -> list[torch.Tensor]:
+    """Split a full tensor into `tp` shards (views; call `owned` before saving)."""
+    if rule == REPLICATED:
+        return [t] * tp
+    if rule == GATED:
+        gate, up = t
+        return [torch.cat(pair, dim=0) for pair in zip(split(gate, COLUMN, tp, what), split(up, COLUMN, tp, what))]
+    if rule == ROW and t.dim() == 1:
+        return [t] * tp
+    dim = 0 if rule == COLUMN else 1
+    if rule not in (COLUMN, ROW):
+        raise ValueError(f"unknown sharding rule {rule}")
+    _check_divisible(t.shape[dim], tp, what)
+    return list(torch.chunk(t, tp, dim=dim))
+
+
+def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `split`: rebuild the full tensor (a (gate, up) pair for `gated`)."""
+    if rule == REPLICATED or (rule == ROW and shards[0].dim() == 1):
+        first = shards[0]
+        for i, other in enumerate(shards[1:], start=1):
+            if other.shape != first.shape:
+                raise ConversionError(f"{what}: replicated shards differ in shape ({tuple(first.shape)} vs {tuple(other.shape)} on rank {i})")
+        return first
+    if rule == GATED:
+        halves = []
+        for i, s in enumerate(shards):
+            if s.shape[0] % 2:
+                raise ConversionError(f"{what}: gated shard on rank {i} has an odd number of rows {s.shape[0]}")
+            halves.append(torch.chunk(s, 2, dim=0))
+        return torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)
+    dim = 0 if rule == COLUMN else 1
+    if len(shards) == 1:
+        return shards[0]
+    return torch.cat(shards, dim=dim)
+
+
+def pad_vocab(table: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """Trim or pad a vocabulary table to `padded_size` rows; new rows repeat the last row (upstream rule)."""
+    rows = table.shape[0]
+    if rows == padded_size:
+        return table
+    if rows > padded_size:
+        return table[:padded_size]
+    return torch.cat([table, table[-1:].expand(padded_size - rows, *table.shape[1:])], dim=0)
+
+
+def padded_vocab_size(true_vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: round up to a multiple of `make_vocab_size_divisible_by * TP`."""
+    multiple = divisible_by * tp
+    return -(-true_vocab_size // multiple) * multiple

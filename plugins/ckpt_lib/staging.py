@@ -1,0 +1,47 @@
+"""Atomic output directories: build beside `--save-dir`, rename into place only when complete.
+
+An interrupted conversion leaves either no output or the previous checkpoint intact; replacing
+an existing non-empty directory needs `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ConversionError
+
+
+def check_target(save_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty target without --overwrite; done before any work starts."""
+    target = Path(save_dir).absolute()
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"--save-dir {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConversionError(f"--save-dir {target} is not empty; pass --overwrite to replace it")
+    return target
+
+
+class StagedDir:
+    """A temporary directory next to the target, committed by one rename."""
+
+    def __init__(self, save_dir: str | Path, overwrite: bool) -> None:
+        self.target = check_target(save_dir, overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+
+    def commit(self) -> Path:
+        """Move the staged directory into place, replacing an old one only now."""
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

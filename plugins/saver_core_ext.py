@@ -1,0 +1,15 @@
+"""Megatron-Core saver for any TP/PP/VPP/uneven layout (legacy torch format), streaming per pipeline stage.
+
+A plugin for Megatron-LM's tools/checkpoint/convert.py (and this project's convert.py).
+"""
+
+from ckpt_lib import mcore_saver
+from ckpt_lib.runtime import run_saver
+
+
+def add_arguments(parser):
+    mcore_saver.add_arguments(parser.add_argument_group(title="saver_core_ext"))
+
+
+def save_checkpoint(queue, args):
+    run_saver(mcore_saver.save, queue, args)
