@@ -66,6 +66,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     md = reader.get_raw()
     if not isinstance(md, argparse.Namespace):
         raise ConversionError("the first message must be the metadata Namespace")
+    md = P.normalize_metadata(md)
     md.learned_absolute = md.position_embedding_type == "learned_absolute"
     if md.learned_absolute:
         raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")

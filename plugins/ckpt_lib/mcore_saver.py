@@ -162,6 +162,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     md = reader.get_raw()
     if not isinstance(md, argparse.Namespace):
         raise ConversionError("the first message must be the metadata Namespace")
+    md = P.normalize_metadata(md)
     saver = McoreSaver(args, md)
     staged = StagedDir(args.save_dir, args.overwrite)
     try:

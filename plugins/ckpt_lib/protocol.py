@@ -174,3 +174,27 @@ def global_shapes(md: argparse.Namespace, vocab_rows: int) -> dict[str, dict[str
     h = md.hidden_size
     norm = {"weight": (h,), **({"bias": (h,)} if md.norm_has_bias else {})}
     return {EMBEDDINGS: {WORD_EMB: (vocab_rows, h)}, FINAL_NORM: norm, OUTPUT_LAYER: {"weight": (vocab_rows, h)}}
+
+
+def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
+    """Accept metadata from upstream loaders, which keep model options only in `checkpoint_args`."""
+    ca = getattr(md, "checkpoint_args", None) or argparse.Namespace()
+    heads = md.num_attention_heads
+    defaults = {
+        "ffn_hidden_size": getattr(ca, "ffn_hidden_size", None) or 4 * md.hidden_size,
+        "num_query_groups": (getattr(ca, "num_query_groups", None) if getattr(ca, "group_query_attention", False) else None) or heads,
+        "kv_channels": getattr(ca, "kv_channels", None) or md.hidden_size // heads,
+        "normalization": getattr(ca, "normalization", "LayerNorm"),
+        "norm_epsilon": getattr(ca, "norm_epsilon", 1e-5),
+        "rotary_base": getattr(ca, "rotary_base", 10000),
+        "qk_layernorm": bool(getattr(ca, "qk_layernorm", False)),
+        "vocab_size": md.true_vocab_size,
+        "hf_config": None,
+        "num_experts": None,
+        "consumed_train_samples": 0,
+        "consumed_valid_samples": 0,
+    }
+    for field, value in defaults.items():
+        if not hasattr(md, field):
+            setattr(md, field, value)
+    return md

@@ -1,0 +1,108 @@
+"""Unit tests for the pure layout rules: pipeline placement, TP split/gather, q/k/v interleave."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import util  # noqa: F401  (puts plugins/ on sys.path)
+from ckpt_lib.errors import ConversionError
+from ckpt_lib.families import QKV
+from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list
+from ckpt_lib.sharding import COLUMN, GATED, REPLICATED, ROW, gather, owned, pad_vocab, padded_vocab_size, split
+
+
+def placements(layout):
+    return [(s.pp_rank, s.chunk, local) for layer in range(layout.num_layers) for s, local in [layout.locate(layer)]]
+
+
+def test_even_pipeline():
+    layout = make_layout(8, 4)
+    assert layout.layers_per_stage() == [2, 2, 2, 2]
+    assert layout.locate(5)[0].pp_rank == 2 and layout.locate(5)[1] == 1
+
+
+def test_uneven_pipeline():
+    layout = make_layout(7, 3, [1, 4, 2])
+    assert placements(layout) == [(0, 0, 0), (1, 0, 0), (1, 0, 1), (1, 0, 2), (1, 0, 3), (2, 0, 0), (2, 0, 1)]
+    assert layout.last_layer_of_rank(1) == 4
+
+
+def test_virtual_pipeline_matches_megatron_rule():
+    # chunk v on rank p holds layers [(v*PP+p)*S, +S)
+    layout = make_layout(8, 2, layers_per_virtual_stage=2)
+    assert placements(layout) == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 1, 1)]
+    assert layout.num_chunks == 2 and layout.last_layer_of_rank(0) == 5
+
+
+@pytest.mark.parametrize("counts,pp", [({(0, 0): 1, (1, 0): 3}, 2), ({(0, 0): 2, (1, 0): 2, (0, 1): 2, (1, 1): 2}, 2)])
+def test_layout_detection_inverts_construction(counts, pp):
+    layout = layout_from_counts(counts, pp)
+    rebuilt = {(s.pp_rank, s.chunk): s.count for s in layout.segments}
+    assert rebuilt == counts
+
+
+@pytest.mark.parametrize("args,message", [
+    ((8, 3), "do not split evenly"),
+    ((8, 2, [3, 4]), "sums to 7"),
+    ((8, 2, [8]), "has 1 entries"),
+    ((8, 2, [4, 4], 2), "cannot be used together"),
+    ((8, 2, None, 3), "does not divide"),
+    ((8, 1, None, 2), "at least 2"),
+])
+def test_layout_errors(args, message):
+    with pytest.raises(ConversionError, match=message):
+        make_layout(*args)
+
+
+def test_parse_layer_list():
+    assert parse_layer_list("4,3,3") == [4, 3, 3]
+    with pytest.raises(ConversionError):
+        parse_layer_list("4,x")
+
+
+@pytest.mark.parametrize("rule", [COLUMN, ROW, REPLICATED])
+def test_split_gather_inverse(rule):
+    t = torch.randn(8, 6)
+    shards = split(t, rule, 2)
+    assert torch.equal(gather(shards, rule), t)
+
+
+def test_gated_split_puts_gate_then_up_per_rank():
+    gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
+    shards = split((gate, up), GATED, 2)
+    assert torch.equal(shards[0], torch.cat([gate[:2], up[:2]]))
+    g, u = gather(shards, GATED)
+    assert torch.equal(g, gate) and torch.equal(u, up)
+
+
+def test_split_rejects_indivisible():
+    with pytest.raises(ConversionError, match="not divisible"):
+        split(torch.randn(6, 4), COLUMN, 4, "x")
+
+
+def test_owned_copies_views_only():
+    base = torch.randn(4, 4)
+    view = torch.chunk(base, 2)[0]
+    assert owned(view).untyped_storage().nbytes() == view.nbytes
+    assert owned(base) is base
+
+
+def test_vocab_padding_repeats_last_row_and_trims():
+    table = torch.arange(10.0).reshape(5, 2)
+    assert padded_vocab_size(5, 2, 2) == 8
+    padded = pad_vocab(table, 8)
+    assert torch.equal(padded[5:], table[-1:].expand(3, 2))
+    assert torch.equal(pad_vocab(padded, 5), table)
+
+
+def test_qkv_interleave_per_group_and_inverse():
+    md = argparse.Namespace(num_attention_heads=4, num_query_groups=2, kv_channels=1)
+    q, k, v = torch.tensor([[0.], [1.], [2.], [3.]]), torch.tensor([[10.], [11.]]), torch.tensor([[20.], [21.]])
+    (fused,) = QKV.forward((q, k, v), md)
+    # group 0: q0 q1 k0 v0, group 1: q2 q3 k1 v1
+    assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    back = QKV.backward((fused,), md)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
