@@ -11,8 +11,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .families import Section, to_protocol
-from .families import dense
+from .families import Section, dense, to_protocol
 from .safetensors_io import SafetensorsSource
 
 

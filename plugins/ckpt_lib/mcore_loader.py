@@ -16,8 +16,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .mcore_names import (EMBEDDING_PARAMS, FINAL_NORM_PARAMS, LAYER_PREFIX, OUTPUT_PARAMS, VOCAB, Param, detect_impl,
-                          layer_params)
+from .mcore_names import EMBEDDING_PARAMS, FINAL_NORM_PARAMS, LAYER_PREFIX, OUTPUT_PARAMS, VOCAB, Param, detect_impl, layer_params
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
 from .pipeline import PipelineLayout, Segment, layout_from_counts
 from .runtime import progress

@@ -7,7 +7,8 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from .errors import ConversionError
 from .protocol import EXIT, LoaderExited
@@ -38,9 +39,8 @@ def run_saver(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     """Run a saver in its child process; every failure is one line and exit status 1."""
     try:
         body(queue, args)
-    except LoaderExited as e:
-        print(f"saver: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except LoaderExited:
+        sys.exit(1)  # the loader has reported its own error
     except (ConversionError, OSError) as e:
         _fail("saver", e)
         sys.exit(1)

@@ -11,8 +11,8 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -94,7 +94,7 @@ class SafetensorsSource:
         self.used: set[str] = set()
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "SafetensorsSource":
+    def from_dir(cls, directory: str | Path) -> SafetensorsSource:
         """Open an HF-style directory: by its index when present, else every *.safetensors file."""
         directory = Path(directory)
         if not directory.is_dir():

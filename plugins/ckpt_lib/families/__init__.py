@@ -5,8 +5,9 @@ the same table backwards, so a round trip is correct by construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
