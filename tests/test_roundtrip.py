@@ -86,3 +86,29 @@ def test_rank_files_hold_only_their_stage(tmp_path):
     # padded vocabulary: 100 -> 128, new rows repeat the last row
     emb = first["embedding.word_embeddings.weight"]
     assert emb.shape[0] == 128 and torch.equal(emb[100:], emb[99:100].expand(28, -1))
+
+
+# Fields Megatron-LM's load_args_from_checkpoint (--use-checkpoint-args) copies for a dense GPT,
+# and those Megatron asserts on load; dropouts are deliberately left to the training command line.
+MEGATRON_ARGS_READ = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type", "add_position_embedding",
+    "use_rotary_position_embeddings", "rotary_base", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
+    "squared_relu", "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
+    "apply_query_key_layer_scaling", "tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size",
+    "params_dtype", "fp16", "bf16", "norm_epsilon", "make_vocab_size_divisible_by", "tokenizer_type",
+    "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage", "sequence_parallel",
+)
+
+
+def test_args_namespace_is_complete(tmp_path):
+    make_hf_model("qwen3", tmp_path / "hf")
+    convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc", "--target-pipeline-parallel-size", "2",
+                      "--num-layers-per-virtual-pipeline-stage", "1")
+    ckpt = torch.load(next((tmp_path / "mc").glob("*/mp_rank_00_000/model_optim_rng.pt")), weights_only=False)
+    args = ckpt["args"]
+    missing = [f for f in MEGATRON_ARGS_READ if not hasattr(args, f)]
+    assert not missing
+    assert (args.num_layers, args.hidden_size, args.kv_channels, args.num_query_groups) == (4, 64, 24, 2)
+    assert args.virtual_pipeline_model_parallel_size == 2 and args.pipeline_model_parallel_size == 2
+    assert ckpt["checkpoint_version"] == 3.0 and ckpt["iteration"] == 1 and "model0" in ckpt and "model1" in ckpt
