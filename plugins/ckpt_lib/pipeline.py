@@ -28,18 +28,39 @@ class Segment:
 
 @dataclass(frozen=True)
 class PipelineLayout:
-    """The pipeline split of `num_layers` layers over `pp` ranks (and `num_chunks` virtual chunks)."""
+    """The pipeline split of `num_layers` layers over `pp` ranks (and `num_chunks` virtual chunks).
+
+    `num_layers` counts the padded numbering, noop layers included (MindSpeed-LLM `--noop-layers`:
+    placeholders without weights); protocol layer i is the i-th layer that is not a noop layer.
+    """
 
     num_layers: int
     pp: int
     segments: tuple[Segment, ...]
+    noop: frozenset[int] = frozenset()
+
+    @property
+    def real_layers(self) -> list[int]:
+        """Padded indices of the layers that hold weights, in protocol order."""
+        return [i for i in range(self.num_layers) if i not in self.noop]
+
+    def first_segment(self) -> Segment:
+        return min(self.segments, key=lambda s: s.start)
+
+    def last_segment(self) -> Segment:
+        """Where the final norm, output layer and MTP live (rank 0's second chunk under dualpipev)."""
+        return max(self.segments, key=lambda s: s.start)
 
     @property
     def num_chunks(self) -> int:
         return 1 + max(s.chunk for s in self.segments)
 
+    def locate_real(self, layer: int) -> tuple[Segment, int]:
+        """Like `locate`, for protocol layer numbering (noop layers skipped)."""
+        return self.locate(self.real_layers[layer])
+
     def locate(self, layer: int) -> tuple[Segment, int]:
-        """The segment holding global `layer` and the layer's local index inside it."""
+        """The segment holding padded `layer` and the layer's local index inside it."""
         for seg in self.segments:
             if seg.start <= layer < seg.stop:
                 return seg, layer - seg.start
@@ -49,8 +70,10 @@ class PipelineLayout:
         return sorted((s for s in self.segments if s.pp_rank == pp_rank), key=lambda s: s.chunk)
 
     def last_layer_of_rank(self, pp_rank: int) -> int:
-        """The highest global layer a rank holds, or -1 for a rank without layers."""
-        return max((s.stop - 1 for s in self.segments if s.pp_rank == pp_rank and s.count), default=-1)
+        """The highest real (protocol) layer a rank holds, or -1 for a rank without real layers."""
+        real = self.real_layers
+        held = [i for i, padded in enumerate(real) if self.locate(padded)[0].pp_rank == pp_rank]
+        return max(held, default=-1)
 
     def layers_per_stage(self) -> list[int]:
         return [sum(s.count for s in self.rank_segments(p)) for p in range(self.pp)]
@@ -73,12 +96,40 @@ def make_layout(
     pp: int,
     num_layer_list: list[int] | None = None,
     layers_per_virtual_stage: int | None = None,
+    noop_layers: list[int] | None = None,
+    dualpipev: bool = False,
 ) -> PipelineLayout:
     """Build and validate a layout from Megatron / MindSpeed-LLM options.
 
-    `num_layer_list` (MindSpeed-LLM's uneven stages) and `layers_per_virtual_stage`
-    (`--num-layers-per-virtual-pipeline-stage`) are mutually exclusive, as in the seeds.
+    `num_layers` is the padded count (noop layers included). `num_layer_list` (uneven stages),
+    `layers_per_virtual_stage` (VPP), `noop_layers` and `dualpipev` follow the seeds' exclusions.
     """
+    noop = frozenset(noop_layers or ())
+    if noop and num_layer_list is not None:
+        raise ConversionError("--noop-layers and --num-layer-list cannot be used together")
+    if any(i < 0 or i >= num_layers for i in noop):
+        raise ConversionError(f"--noop-layers {sorted(noop)} must lie in [0, {num_layers})")
+    if dualpipev:
+        return _dualpipev(num_layers, pp, num_layer_list, layers_per_virtual_stage, noop)
+    layout = _plain_layout(num_layers, pp, num_layer_list, layers_per_virtual_stage)
+    return PipelineLayout(layout.num_layers, layout.pp, layout.segments, noop)
+
+
+def _dualpipev(num_layers: int, pp: int, num_layer_list: list[int] | None, vpp: int | None,
+               noop: frozenset[int]) -> PipelineLayout:
+    """DualPipeV: rank r holds [r*S, (r+1)*S) and the mirrored [L-(r+1)*S, L-r*S), S = L / (2 PP)."""
+    if num_layer_list is not None or vpp is not None:
+        raise ConversionError("--schedules-method dualpipev cannot be combined with --num-layer-list or VPP")
+    if num_layers % (2 * pp):
+        raise ConversionError(f"dualpipev needs the layer count {num_layers} divisible by 2 x pipeline size {pp}")
+    size = num_layers // (2 * pp)
+    segments = [Segment(r, 0, r * size, size) for r in range(pp)]
+    segments += [Segment(r, 1, num_layers - (r + 1) * size, size) for r in range(pp)]
+    return PipelineLayout(num_layers, pp, tuple(segments), noop)
+
+
+def _plain_layout(num_layers: int, pp: int, num_layer_list: list[int] | None,
+                  layers_per_virtual_stage: int | None) -> PipelineLayout:
     if pp < 1:
         raise ConversionError(f"--target-pipeline-parallel-size must be >= 1, got {pp}")
     if num_layer_list is not None and layers_per_virtual_stage is not None:
@@ -124,7 +175,7 @@ def make_layout(
     return PipelineLayout(num_layers, pp, tuple(Segment(r, 0, r * per, per) for r in range(pp)))
 
 
-def layout_from_counts(counts: dict[tuple[int, int], int], pp: int) -> PipelineLayout:
+def layout_from_counts(counts: dict[tuple[int, int], int], pp: int, noop: frozenset[int] = frozenset()) -> PipelineLayout:
     """Rebuild a layout from the layer counts found in existing files, keyed by (pp_rank, chunk).
 
     Global order is chunk-major then rank (Megatron's interleaved schedule), which also covers
@@ -137,4 +188,4 @@ def layout_from_counts(counts: dict[tuple[int, int], int], pp: int) -> PipelineL
             count = counts.get((rank, chunk), 0)
             segments.append(Segment(rank, chunk, start, count))
             start += count
-    return PipelineLayout(start, pp, tuple(segments))
+    return PipelineLayout(start, pp, tuple(segments), noop)

@@ -40,6 +40,29 @@ FC1_GATE_B, FC1_UP_B = "mlp l0 bias W", "mlp l0 bias V"
 FC2_W, FC2_B = "mlp l1 weight", "mlp l1 bias"
 Q_NORM_W, K_NORM_W = "q norm weight", "k norm weight"
 WORD_EMB, POS_EMB = "word embeddings", "position embeddings"
+# MLA (DeepSeek-V3) attention.
+Q_DOWN_W, Q_DOWN_NORM_W, Q_UP_W = "q down weight", "q down norm weight", "q up weight"
+KV_DOWN_W, KV_DOWN_NORM_W, KV_UP_W = "kv down weight", "kv down norm weight", "kv up weight"
+# MoE: router, shared expert, routed experts (stacked [count, out, in] in FC1_GATE_W/FC1_UP_W/FC2_W).
+ROUTER_W, ROUTER_BIAS = "router weight", "router expert bias"
+SHARED_FC1_GATE_W, SHARED_FC1_UP_W, SHARED_FC2_W = "shared mlp l0 weight W", "shared mlp l0 weight V", "shared mlp l1 weight"
+FIRST_EXPERT = "first expert"
+# Multi-token prediction layer (its transformer layer uses the layer keys above).
+MTP_ENORM_W, MTP_HNORM_W, MTP_EH_PROJ_W, MTP_NORM_W = "enorm weight", "hnorm weight", "eh proj weight", "mtp norm weight"
+
+
+def experts_message(layer_message_name: str) -> str:
+    """Routed experts of a layer follow its message, in one or more messages of this name."""
+    return f"{layer_message_name} experts"
+
+
+def mtp_message(index: int) -> str:
+    return f"mtp layer {index}"
+
+
+def is_moe_layer(md: argparse.Namespace, layer: int) -> bool:
+    """DeepSeek-style: the first `first_k_dense_replace` layers are dense, the rest MoE (MTP is MoE)."""
+    return bool(getattr(md, "num_experts", None)) and layer >= getattr(md, "first_k_dense_replace", 0)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -138,25 +161,60 @@ def take(msg: dict[str, Any], key: str) -> Any:
     return msg.pop(key)
 
 
-def layer_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    """Expected shape of every dense layer key the metadata implies (what savers check)."""
-    h, f, kv = md.hidden_size, md.ffn_hidden_size, md.kv_channels
-    qkv_rows = (md.num_attention_heads + 2 * md.num_query_groups) * kv
-    shapes = {INPUT_NORM_W: (h,), QKV_W: (qkv_rows, h), DENSE_W: (h, md.num_attention_heads * kv), POST_NORM_W: (h,), FC2_W: (h, f)}
+def layer_shapes(md: argparse.Namespace, layer: int = 0) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every key of a layer message the metadata implies (what savers check)."""
+    h = md.hidden_size
+    shapes = {INPUT_NORM_W: (h,), POST_NORM_W: (h,)}
     if md.norm_has_bias:
         shapes.update({INPUT_NORM_B: (h,), POST_NORM_B: (h,)})
-    if md.qkv_bias:
-        shapes[QKV_B] = (qkv_rows,)
-    if getattr(md, "qk_layernorm", False):
-        shapes.update({Q_NORM_W: (kv,), K_NORM_W: (kv,)})
+    shapes.update(_mla_shapes(md) if getattr(md, "multi_latent_attention", False) else _attention_shapes(md))
+    if is_moe_layer(md, layer):
+        e, f = md.num_experts, md.moe_shared_expert_intermediate_size
+        shapes.update({ROUTER_W: (e, h), ROUTER_BIAS: (e,), SHARED_FC1_GATE_W: (f, h), SHARED_FC1_UP_W: (f, h), SHARED_FC2_W: (h, f)})
+        return shapes
+    f = md.ffn_hidden_size
+    shapes[FC2_W] = (h, f)
     if md.swiglu:
         shapes.update({FC1_GATE_W: (f, h), FC1_UP_W: (f, h)})
     else:
         shapes[FC1_W] = (f, h)
     if md.linear_bias:
-        shapes.update({DENSE_B: (h,), FC2_B: (h,)})
+        shapes[FC2_B] = (h,)
         shapes.update({FC1_GATE_B: (f,), FC1_UP_B: (f,)} if md.swiglu else {FC1_B: (f,)})
     return shapes
+
+
+def _attention_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    h, kv = md.hidden_size, md.kv_channels
+    qkv_rows = (md.num_attention_heads + 2 * md.num_query_groups) * kv
+    shapes = {QKV_W: (qkv_rows, h), DENSE_W: (h, md.num_attention_heads * kv)}
+    if md.qkv_bias:
+        shapes[QKV_B] = (qkv_rows,)
+    if getattr(md, "qk_layernorm", False):
+        shapes.update({Q_NORM_W: (kv,), K_NORM_W: (kv,)})
+    if md.linear_bias:
+        shapes[DENSE_B] = (h,)
+    return shapes
+
+
+def _mla_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    h, heads, rope = md.hidden_size, md.num_attention_heads, md.qk_pos_emb_head_dim
+    return {
+        Q_DOWN_W: (md.q_lora_rank, h), Q_DOWN_NORM_W: (md.q_lora_rank,), Q_UP_W: (heads * (md.qk_head_dim + rope), md.q_lora_rank),
+        KV_DOWN_W: (md.kv_lora_rank + rope, h), KV_DOWN_NORM_W: (md.kv_lora_rank,),
+        KV_UP_W: (heads * (md.qk_head_dim + md.v_head_dim), md.kv_lora_rank), DENSE_W: (h, heads * md.v_head_dim),
+    }
+
+
+def expert_shapes(md: argparse.Namespace, count: int) -> dict[str, tuple[int, ...]]:
+    h, f = md.hidden_size, md.moe_ffn_hidden_size
+    return {FC1_GATE_W: (count, f, h), FC1_UP_W: (count, f, h), FC2_W: (count, h, f)}
+
+
+def mtp_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    h = md.hidden_size
+    extra = {MTP_ENORM_W: (h,), MTP_HNORM_W: (h,), MTP_EH_PROJ_W: (h, 2 * h), MTP_NORM_W: (h,)}
+    return {**extra, **layer_shapes(md, md.num_layers)}
 
 
 def check_shapes(msg: dict[str, Any], expected: dict[str, tuple[int, ...]], where: str) -> None:

@@ -114,3 +114,26 @@ def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | N
         produced = rel.op.backward(tuple(take(msg, k) for k in rel.keys), md)
         out.update((prefix + s, t) for s, t in zip(rel.source, produced))
     return out
+
+
+def experts_to_protocol(section: Section, read: Callable[[str], torch.Tensor], md: Any, layer: int | None,
+                        first: int, count: int) -> dict[str, torch.Tensor]:
+    """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in])."""
+    prefix = section.prefix.format(layer=layer)
+    return {
+        rel.keys[0]: torch.stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
+        for rel in section.active(md)
+    }
+
+
+def experts_from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None,
+                          first: int) -> dict[str, torch.Tensor]:
+    """Inverse of `experts_to_protocol`: source name -> one expert's tensor (views of the stack)."""
+    from ..protocol import take
+
+    prefix = section.prefix.format(layer=layer)
+    out: dict[str, torch.Tensor] = {}
+    for rel in section.active(md):
+        for offset, tensor in enumerate(take(msg, rel.keys[0])):
+            out[prefix + rel.source[0].format(expert=first + offset)] = tensor
+    return out
