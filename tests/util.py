@@ -116,3 +116,52 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
+
+
+DEEPSEEK_CONFIG = dict(
+    vocab_size=100, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=4, topk_group=2,
+    num_experts_per_tok=4, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+
+def make_deepseek_model(directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny DeepSeek-V3 (MLA, first layer dense, 8 routed experts + 1 shared, sigmoid routing with
+    expert bias) saved with transformers, plus an MTP layer written into the safetensors as the
+    official checkpoint does (layer index num_hidden_layers, with embed_tokens / shared_head copies).
+    Returns (model, mtp_state)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(**{**DEEPSEEK_CONFIG, **overrides})
+    model = DeepseekV3ForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+        for layer in model.model.layers[cfg.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(cfg.n_routed_experts))
+    model.save_pretrained(directory)
+    tensors = load_file(directory / "model.safetensors")
+    mtp: dict[str, torch.Tensor] = {}
+    if cfg.num_nextn_predict_layers:
+        h, L = cfg.hidden_size, cfg.num_hidden_layers
+        gen = torch.Generator().manual_seed(seed + 1)
+        last = f"model.layers.{L - 1}."
+        for name, t in tensors.items():  # a full MoE decoder layer, re-randomised
+            if name.startswith(last):
+                mtp[name[len(last):]] = (t.float() + 0.02 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+        mtp.update({
+            "enorm.weight": 1 + 0.1 * torch.randn(h, generator=gen), "hnorm.weight": 1 + 0.1 * torch.randn(h, generator=gen),
+            "eh_proj.weight": 0.05 * torch.randn(h, 2 * h, generator=gen),
+            "shared_head.norm.weight": 1 + 0.1 * torch.randn(h, generator=gen),
+            "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+            "shared_head.head.weight": tensors["lm_head.weight"].clone(),
+        })
+        mtp = {k: v.to(dtype) if k != "mlp.gate.e_score_correction_bias" else v for k, v in mtp.items()}
+        tensors.update({f"model.layers.{L}.{k}": v.contiguous() for k, v in mtp.items()})
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return model, mtp

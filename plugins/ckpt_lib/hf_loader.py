@@ -1,9 +1,16 @@
-"""HuggingFace dense checkpoints (config.json + safetensors) -> protocol messages, layer by layer."""
+"""HuggingFace checkpoints (config.json + safetensors) -> protocol messages, layer by layer.
+
+A conversion is a plan: the ordered list of messages with the table section that produces each.
+The plan first runs on meta tensors built from the safetensors headers, so every missing,
+misshapen or unmapped tensor is reported before the first message is sent; then it streams.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +18,26 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .families import Section, dense, to_protocol
+from .families import Section, deepseek, dense, experts_to_protocol, to_protocol
+from .runtime import progress
 from .safetensors_io import SafetensorsSource
+
+
+@dataclass(frozen=True)
+class Step:
+    """One protocol message: which section builds it, for which layer, and its expected shapes."""
+
+    message: str
+    section: Section
+    layer: int | None
+    shapes: dict[str, tuple[int, ...]]
+    experts: tuple[int, int] | None = None  # (first, count) for a routed-experts message
+
+    def build(self, read: Callable[[str], torch.Tensor], md: argparse.Namespace) -> dict[str, Any]:
+        if self.experts is None:
+            return to_protocol(self.section, read, md, self.layer)
+        first, count = self.experts
+        return {P.FIRST_EXPERT: first, **experts_to_protocol(self.section, read, md, self.layer, first, count)}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -33,42 +58,75 @@ def read_config(load_dir: Path) -> dict[str, Any]:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
 
 
-def _sections(md: argparse.Namespace) -> list[tuple[Section, int | None]]:
-    """Every (section, layer) the model sends, in protocol order."""
-    out: list[tuple[Section, int | None]] = [(dense.EMBEDDING, None)]
-    out += [(dense.LAYER, i) for i in range(md.num_layers)]
-    out += [(dense.FINAL_NORM, None)]
-    if dense.OUTPUT.applies(md):
-        out.append((dense.OUTPUT, None))
-    return out
+def _globals(md: argparse.Namespace, section: Section) -> Step:
+    return Step(section.message, section, None, P.global_shapes(md, md.vocab_size)[section.message])
 
 
-def validate(source: SafetensorsSource, md: argparse.Namespace, sections: list[tuple[Section, int | None]]) -> None:
-    """Run the whole table on meta tensors (headers only): missing, misshapen and leftover tensors
-    are reported before the first message is sent."""
+def dense_plan(md: argparse.Namespace) -> list[Step]:
+    steps = [_globals(md, dense.EMBEDDING)]
+    steps += [Step(P.layer_message(i), dense.LAYER, i, P.layer_shapes(md, i)) for i in range(md.num_layers)]
+    steps.append(_globals(md, dense.FINAL_NORM))
+    if md.output_layer:
+        steps.append(_globals(md, dense.OUTPUT))
+    return steps
+
+
+def _expert_steps(md: argparse.Namespace, message: str, layer: int, per_message: int) -> list[Step]:
+    return [
+        Step(P.experts_message(message), deepseek.EXPERTS, layer, P.expert_shapes(md, min(per_message, md.num_experts - first)),
+             (first, min(per_message, md.num_experts - first)))
+        for first in range(0, md.num_experts, per_message)
+    ]
+
+
+def deepseek_plan(md: argparse.Namespace, experts_per_message: int) -> list[Step]:
+    """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP."""
+    steps = [_globals(md, dense.EMBEDDING)]
+    for i in range(md.num_layers):
+        steps.append(Step(P.layer_message(i), deepseek.layer_section(md, i), i, P.layer_shapes(md, i)))
+        if P.is_moe_layer(md, i):
+            steps += _expert_steps(md, P.layer_message(i), i, experts_per_message)
+    steps += [_globals(md, dense.FINAL_NORM), _globals(md, dense.OUTPUT)]
+    for k in range(md.mtp_num_layers):
+        layer = md.num_layers + k
+        steps.append(Step(P.mtp_message(k), deepseek.MTP_LAYER, layer, P.mtp_shapes(md)))
+        steps += _expert_steps(md, P.mtp_message(k), layer, experts_per_message)
+    return steps
+
+
+def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], ignored: set[str]) -> None:
+    """Run the whole plan on meta tensors: missing, misshapen and unmapped tensors fail here."""
+    read: set[str] = set(ignored)
+
     def meta(name: str) -> torch.Tensor:
         if name not in source:
             raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+        read.add(name)
         return torch.empty(source.shape(name), dtype=source.dtype(name), device="meta")
 
-    read: set[str] = set()
-
-    def tracked(name: str) -> torch.Tensor:
-        read.add(name)
-        return meta(name)
-
-    for section, layer in sections:
-        msg = to_protocol(section, tracked, md, layer)
-        if section.message is None:
-            P.check_shapes(msg, P.layer_shapes(md), f"layer {layer}")
-        else:
-            P.check_shapes(msg, P.global_shapes(md, md.vocab_size)[section.message], section.message)
+    for step in plan:
+        msg = step.build(meta, md)
+        msg.pop(P.FIRST_EXPERT, None)
+        P.check_shapes(msg, step.shapes, step.message)
     leftover = sorted(set(source.names()) - read)
-    if not md.output_layer and "lm_head.weight" in leftover:
-        leftover.remove("lm_head.weight")  # a tied copy some exporters keep; checked equal when sent
     if leftover:
         more = f" (and {len(leftover) - 5} more)" if len(leftover) > 5 else ""
         raise ConversionError(f"unmapped tensors in the checkpoint: {', '.join(leftover[:5])}{more}")
+
+
+def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], what: str) -> None:
+    queue.put(md)
+    for step in progress(plan, len(plan), what):
+        msg = step.build(source.get, md)
+        msg["name"] = step.message
+        queue.put(msg)
+    queue.put(P.DONE)
+
+
+def check_copy(source: SafetensorsSource, copy: str, original: str) -> None:
+    """A tensor the format stores twice must really be a copy."""
+    if copy in source and not torch.equal(source.get(copy), source.get(original)):
+        raise ConversionError(f"tensor {copy!r} should equal {original!r} but differs")
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:
@@ -81,16 +139,9 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     md = dense.metadata_from_hf(cfg, source.dtype(embed_name), args.model_type_hf)
     if args.true_vocab_size:
         md.true_vocab_size = args.true_vocab_size
-    sections = _sections(md)
-    validate(source, md, sections)
-    if not md.output_layer and "lm_head.weight" in source:
-        if not torch.equal(source.get("lm_head.weight"), source.get(embed_name)):
-            raise ConversionError("config.json says tie_word_embeddings, but lm_head.weight differs from the embeddings")
-    queue.put(md)
-    from .runtime import progress
-
-    for section, layer in progress(sections, len(sections), "loader_hf"):
-        msg: dict[str, Any] = to_protocol(section, source.get, md, layer)
-        msg["name"] = section.message or P.layer_message(layer)
-        queue.put(msg)
-    queue.put(P.DONE)
+    plan = dense_plan(md)
+    tied_copy = {"lm_head.weight"} if not md.output_layer and "lm_head.weight" in source else set()
+    validate(source, md, plan, tied_copy)
+    if tied_copy:  # some exporters keep the tied head; it must equal the embeddings
+        check_copy(source, "lm_head.weight", embed_name)
+    stream(queue, source, md, plan, "loader_hf")

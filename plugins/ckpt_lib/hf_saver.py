@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import protocol as P
 from .errors import ConversionError
-from .families import dense, from_protocol
+from .families import Section, deepseek, dense, experts_from_protocol, from_protocol
 from .runtime import Summary, progress
 from .safetensors_io import ShardedWriter, parse_size
 from .staging import StagedDir, check_target
@@ -46,6 +48,8 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         cfg = json.loads(path.read_text())
     elif getattr(md, "hf_config", None):
         cfg = dict(md.hf_config)
+    elif getattr(md, "multi_latent_attention", False):
+        raise ConversionError("DeepSeek-V3 output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
@@ -78,24 +82,48 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     try:
         writer = ShardedWriter(staged.path, parse_size(args.max_shard_size))
 
-        def emit(msg: dict[str, Any], section: Any, layer: int | None = None) -> None:
+        kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
+
+        def emit(msg: dict[str, Any], section: Section, layer: int | None = None) -> None:
             for name, tensor in from_protocol(section, msg, md, layer).items():
                 if section in (dense.EMBEDDING, dense.OUTPUT):
                     if tensor.shape[0] < vocab:
                         raise ConversionError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {vocab}")
-                    tensor = tensor[:vocab]
+                    tensor = kept[name] = tensor[:vocab]
                 writer.add(name, tensor)
             reader.finish(msg)
 
+        def emit_layer(message: str, layer: int, section: Section, shapes: dict[str, tuple[int, ...]]) -> None:
+            msg = reader.get(message)
+            P.check_shapes(msg, shapes, message)
+            emit(msg, section, layer)
+            if P.is_moe_layer(md, layer):
+                received = 0
+                while received < md.num_experts:
+                    msg = reader.get(P.experts_message(message))
+                    first = P.take(msg, P.FIRST_EXPERT)
+                    count = msg[P.FC2_W].shape[0] if P.FC2_W in msg else 0
+                    if first != received or count < 1:
+                        raise ConversionError(f"{msg['name']}: expected experts from {received}, got {count} from {first}")
+                    P.check_shapes(msg, P.expert_shapes(md, count), msg["name"])
+                    for name, tensor in experts_from_protocol(deepseek.EXPERTS, msg, md, layer, first).items():
+                        writer.add(name, tensor)
+                    received += count
+                    reader.finish(msg)
+
         emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
-        expected = P.layer_shapes(md)
+        mla = getattr(md, "multi_latent_attention", False)
         for layer in progress(range(md.num_layers), md.num_layers, "saver_hf"):
-            msg = reader.get(P.layer_message(layer))
-            P.check_shapes(msg, expected, P.layer_message(layer))
-            emit(msg, dense.LAYER, layer)
+            section = deepseek.layer_section(md, layer) if mla else dense.LAYER
+            emit_layer(P.layer_message(layer), layer, section, P.layer_shapes(md, layer))
         emit(reader.get(P.FINAL_NORM), dense.FINAL_NORM)
         if md.output_layer:
             emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)
+        for k in range(getattr(md, "mtp_num_layers", 0) or 0):
+            layer = md.num_layers + k
+            emit_layer(P.mtp_message(k), layer, deepseek.MTP_LAYER, P.mtp_shapes(md))
+            for copy, original in deepseek.MTP_COPIES.items():  # the official layout repeats them
+                writer.add(f"model.layers.{layer}.{copy}", kept[original])
         end = reader.get_raw()
         if end != P.DONE:
             raise ConversionError(f"unsupported message '{end.get('name') if isinstance(end, dict) else end}'")

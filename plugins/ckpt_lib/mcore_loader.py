@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,37 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .mcore_names import EMBEDDING_PARAMS, FINAL_NORM_PARAMS, LAYER_PREFIX, OUTPUT_PARAMS, VOCAB, Param, detect_impl, layer_params
+from .mcore_names import (
+    EMBEDDING_PARAMS,
+    FINAL_NORM_PARAMS,
+    LAYER_PREFIX,
+    MTP_LAYER_PREFIX,
+    MTP_PARAMS,
+    MTP_PREFIX,
+    OUTPUT_PARAMS,
+    VOCAB,
+    Param,
+    detect_impl,
+    expert_params,
+    layer_params,
+)
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
-from .pipeline import PipelineLayout, Segment, layout_from_counts
+from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
 from .runtime import progress
 from .sharding import COLUMN, gather
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+MOE_FIELDS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups",
+              "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_score_function",
+              "moe_router_enable_expert_bias")
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
     group.add_argument("--source-tensor-parallel-size", type=int, default=None, help="Checked against the files")
     group.add_argument("--source-pipeline-parallel-size", type=int, default=None, help="Checked against the files")
+    group.add_argument("--source-expert-parallel-size", type=int, default=None, help="Checked against the files")
     group.add_argument("--loader-transformer-impl", choices=["local", "transformer_engine"], default=None,
                        help="Checked against the files (detected from the norm names)")
     group.add_argument("--true-vocab-size", type=int, default=None,
@@ -36,27 +55,27 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 class RankFiles:
-    """Lazily memory-mapped rank files of one iteration, with the names each chunk has left."""
+    """Lazily memory-mapped rank files of one iteration."""
 
     def __init__(self, grid: dict[tuple[int, int, int], Path]) -> None:
         self.grid = grid
         self.tp = 1 + max(k[0] for k in grid)
         self.pp = 1 + max(k[1] for k in grid)
         self.ep = 1 + max(k[2] for k in grid)
-        self._open: dict[tuple[int, int], dict[str, Any]] = {}
+        self._open: dict[tuple[int, int, int], dict[str, Any]] = {}
 
-    def file(self, tp: int, pp: int) -> dict[str, Any]:
-        if (tp, pp) not in self._open:
-            self._open[(tp, pp)] = load_rank_file(self.grid[(tp, pp, 0)])
-        return self._open[(tp, pp)]
+    def file(self, tp: int, pp: int, ep: int = 0) -> dict[str, Any]:
+        if (tp, pp, ep) not in self._open:
+            self._open[(tp, pp, ep)] = load_rank_file(self.grid[(tp, pp, ep)])
+        return self._open[(tp, pp, ep)]
 
-    def chunks(self, tp: int, pp: int) -> list[dict[str, Any]]:
-        ckpt = self.file(tp, pp)
+    def chunks(self, tp: int, pp: int, ep: int = 0) -> list[dict[str, Any]]:
+        ckpt = self.file(tp, pp, ep)
         if "model" in ckpt:
             return [ckpt["model"]]
         keys = sorted((k for k in ckpt if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
         if not keys:
-            raise ConversionError(f"{self.grid[(tp, pp, 0)]}: no 'model' state dict")
+            raise ConversionError(f"{self.grid[(tp, pp, ep)]}: no 'model' state dict")
         return [ckpt[k] for k in keys]
 
 
@@ -64,7 +83,12 @@ def _tensor_names(state: dict[str, Any]) -> list[str]:
     return [k for k in state if not k.endswith("._extra_state")]
 
 
-def detect_layout(files: RankFiles) -> PipelineLayout:
+def detect_layout(files: RankFiles, a: argparse.Namespace) -> PipelineLayout:
+    """Counted from the files; noop layers and dualpipev, which counting cannot see, from `args`."""
+    noop, dualpipev = parse_layer_list(getattr(a, "noop_layers", None)), getattr(a, "schedules_method", None) == "dualpipev"
+    if noop or dualpipev:
+        vpp = getattr(a, "num_layers_per_virtual_pipeline_stage", None)
+        return make_layout(a.num_layers, files.pp, parse_layer_list(getattr(a, "num_layer_list", None)), vpp, noop, dualpipev)
     counts: dict[tuple[int, int], int] = {}
     for pp in range(files.pp):
         for chunk, state in enumerate(files.chunks(0, pp)):
@@ -84,9 +108,10 @@ def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int |
         return getattr(a, name)
 
     heads = need("num_attention_heads")
+    mla = bool(getattr(a, "multi_latent_attention", False))
     groups = getattr(a, "num_query_groups", None) if getattr(a, "group_query_attention", False) else heads
     params_dtype = getattr(a, "params_dtype", None) or word.dtype
-    return P.make_metadata(
+    md = P.make_metadata(
         model_type="GPT",
         num_layers=need("num_layers"),
         hidden_size=need("hidden_size"),
@@ -117,20 +142,32 @@ def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int |
         normalization=getattr(a, "normalization", "LayerNorm"),
         norm_epsilon=getattr(a, "norm_epsilon", 1e-5),
         rotary_base=getattr(a, "rotary_base", 10000),
-        qk_layernorm=bool(getattr(a, "qk_layernorm", False)),
+        qk_layernorm=bool(getattr(a, "qk_layernorm", False)) and not mla,
         hf_config=getattr(a, "hf_config", None),
     )
+    md.mtp_num_layers = getattr(a, "mtp_num_layers", None) or 0
+    if mla:
+        md.multi_latent_attention = True
+        for field in MLA_FIELDS:
+            setattr(md, field, need(field))
+    if md.num_experts:
+        freq = getattr(a, "moe_layer_freq", None)
+        md.first_k_dense_replace = getattr(a, "first_k_dense_replace", None)
+        if md.first_k_dense_replace is None:
+            md.first_k_dense_replace = freq.index(1) if isinstance(freq, list) and 1 in freq else 0
+        for field in MOE_FIELDS:
+            setattr(md, field, getattr(a, field, None))
+    return md
 
 
 class McoreLoader:
     def __init__(self, args: argparse.Namespace) -> None:
         iteration_dir, self.iteration = find_iteration_dir(Path(args.load_dir))
-        self.files = RankFiles(rank_grid(iteration_dir))
-        f = self.files
-        if f.ep > 1:
-            raise ConversionError(f"{iteration_dir}: expert-parallel checkpoints (EP={f.ep}) need a MoE loader")
+        self.files = f = RankFiles(rank_grid(iteration_dir))
+        self.experts_per_message = getattr(args, "experts_per_message", 8) or 8
         for flag, value, found in (("--source-tensor-parallel-size", args.source_tensor_parallel_size, f.tp),
-                                   ("--source-pipeline-parallel-size", args.source_pipeline_parallel_size, f.pp)):
+                                   ("--source-pipeline-parallel-size", args.source_pipeline_parallel_size, f.pp),
+                                   ("--source-expert-parallel-size", getattr(args, "source_expert_parallel_size", None), f.ep)):
             if value is not None and value != found:
                 raise ConversionError(f"{flag} {value} disagrees with the checkpoint, which has {found}")
         first = f.file(0, 0)
@@ -139,66 +176,100 @@ class McoreLoader:
         self.impl = detect_impl(_tensor_names(f.chunks(0, 0)[0]))
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
-        self.layout = detect_layout(f)
+        self.layout = detect_layout(f, first["args"])
         word = f.chunks(0, 0)[0].get("embedding.word_embeddings.weight")
         if word is None:
             raise ConversionError(f"{f.grid[(0, 0, 0)]}: no embedding.word_embeddings.weight")
-        self.md = metadata_from_args(first["args"], f, self.iteration, word, args.true_vocab_size)
-        self.md.learned_absolute = self.md.position_embedding_type == "learned_absolute"
-        if self.layout.num_layers != self.md.num_layers:
-            raise ConversionError(f"the files hold {self.layout.num_layers} layers but args.num_layers is {self.md.num_layers}")
-        self.layer_table = [p for p in layer_params(self.impl) if p.applies(self.md)]
+        self.md = md = metadata_from_args(first["args"], f, self.iteration, word, args.true_vocab_size)
+        md.learned_absolute = md.position_embedding_type == "learned_absolute"
+        md.num_layers = len(self.layout.real_layers)  # protocol numbering: noop layers skipped
+        if self.layout.num_layers != first["args"].num_layers:
+            raise ConversionError(f"the files hold {self.layout.num_layers} layers but args.num_layers is {first['args'].num_layers}")
+        if md.num_experts and md.num_experts % f.ep:
+            raise ConversionError(f"{md.num_experts} experts do not split over the {f.ep} expert-parallel ranks of the files")
+        self.experts_per_rank = md.num_experts // f.ep if md.num_experts else 0
+        self.last = self.layout.last_segment()
         self._check_names()
 
-    def _planned(self, pp: int, chunk: int, segs: list[Segment]) -> set[str]:
-        """Names this loader will read from one chunk of one pipeline rank."""
-        md, last = self.md, self.files.pp - 1
+    def _layer_names(self, prefix: str, layer: int, ep: int) -> set[str]:
+        moe = P.is_moe_layer(self.md, layer)
+        names = {prefix + p.name for p in layer_params(self.impl, self.md, moe) if p.applies(self.md)}
+        if moe:
+            names.update(prefix + p.name.format(expert=e) for e in range(self.experts_per_rank) for p in expert_params(self.impl))
+        return names
+
+    def _planned(self, pp: int, ep: int, chunk: int) -> set[str]:
+        """Names this loader will read from one chunk of one rank file."""
+        md, layout = self.md, self.layout
         names: set[str] = set()
-        seg = segs[chunk]
-        for local in range(seg.count):
-            names.update(LAYER_PREFIX.format(layer=local) + p.name for p in self.layer_table)
-        if pp == 0 and chunk == 0:
+        for layer, padded in enumerate(layout.real_layers):
+            seg, local = layout.locate(padded)
+            if (seg.pp_rank, seg.chunk) == (pp, chunk):
+                names |= self._layer_names(LAYER_PREFIX.format(layer=local), layer, ep)
+        first, last = layout.first_segment(), self.last
+        if (pp, chunk) == (first.pp_rank, first.chunk):
             names.update(p.name for p in EMBEDDING_PARAMS if p.applies(md))
-        if pp == last and chunk == len(segs) - 1:
+        if (pp, chunk) == (last.pp_rank, last.chunk):
             names.update(p.name for p in FINAL_NORM_PARAMS if p.applies(md))
-            if md.output_layer or self.files.pp > 1:
+            if md.output_layer or last.pp_rank != first.pp_rank:
                 names.add("output_layer.weight")
+            if md.mtp_num_layers and last.pp_rank != first.pp_rank:
+                names.add("embedding.word_embeddings.weight")
+            for k in range(md.mtp_num_layers):
+                names.update(MTP_PREFIX.format(index=k) + p.name for p in MTP_PARAMS)
+                names |= self._layer_names(MTP_LAYER_PREFIX.format(index=k), md.num_layers + k, ep)
         return names
 
     def _check_names(self) -> None:
         """Every tensor in every file is mapped, and every mapped tensor exists."""
-        for (tp, pp, _), path in sorted(self.files.grid.items()):
-            segs = self.layout.rank_segments(pp)
-            for chunk, state in enumerate(self.files.chunks(tp, pp)):
-                planned, present = self._planned(pp, chunk, segs), set(_tensor_names(state))
+        for (tp, pp, ep), path in sorted(self.files.grid.items()):
+            for chunk, state in enumerate(self.files.chunks(tp, pp, ep)):
+                planned, present = self._planned(pp, ep, chunk), set(_tensor_names(state))
                 if present - planned:
                     extra = sorted(present - planned)
                     raise ConversionError(f"{path}: unmapped tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
                 if planned - present:
                     raise ConversionError(f"{path}: missing tensors {sorted(planned - present)[:5]}")
 
-    def _gather(self, params: tuple[Param, ...] | list[Param], pp: int, chunk: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, **fmt: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for param in params:
             if not param.applies(self.md):
                 continue
-            shards = [self.files.chunks(tp, pp)[chunk][prefix + param.name] for tp in range(self.files.tp)]
-            full = gather(shards, COLUMN if param.rule == VOCAB else param.rule, prefix + param.name)
+            name = prefix + param.name.format(**fmt)
+            shards = [self.files.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in range(self.files.tp)]
+            full = gather(shards, COLUMN if param.rule == VOCAB else param.rule, name)
             out.update(zip(param.keys, full if isinstance(full, tuple) else (full,)))
         return out
 
+    def _send_layer(self, queue: Any, message: str, layer: int, seg: Segment, prefix: str,
+                    extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
+        moe = P.is_moe_layer(self.md, layer)
+        msg = self._gather(extra, seg, extra_prefix) if extra else {}
+        msg.update(self._gather(layer_params(self.impl, self.md, moe), seg, prefix))
+        queue.put({"name": message, **msg})
+        if not moe:
+            return
+        for first in range(0, self.md.num_experts, self.experts_per_message):
+            experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
+            parts = [self._gather(expert_params(self.impl), seg, prefix, e // self.experts_per_rank,
+                                  expert=e % self.experts_per_rank) for e in experts]
+            stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+            queue.put({"name": P.experts_message(message), P.FIRST_EXPERT: first, **stacked})
+
     def send(self, queue: Any) -> None:
-        queue.put(self.md)
-        pp_last = self.files.pp - 1
-        queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, 0, 0)})
-        for layer in progress(range(self.md.num_layers), self.md.num_layers, "loader_core_ext"):
-            seg, local = self.layout.locate(layer)
-            msg = self._gather(self.layer_table, seg.pp_rank, seg.chunk, LAYER_PREFIX.format(layer=local))
-            queue.put({"name": P.layer_message(layer), **msg})
-        last_chunk = len(self.layout.rank_segments(pp_last)) - 1
-        queue.put({"name": P.FINAL_NORM, **self._gather(FINAL_NORM_PARAMS, pp_last, last_chunk)})
-        if self.md.output_layer:
-            queue.put({"name": P.OUTPUT_LAYER, **self._gather(OUTPUT_PARAMS, pp_last, last_chunk)})
+        md = self.md
+        queue.put(md)
+        queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, self.layout.first_segment())})
+        for layer in progress(range(md.num_layers), md.num_layers, "loader_core_ext"):
+            seg, local = self.layout.locate_real(layer)
+            self._send_layer(queue, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
+        queue.put({"name": P.FINAL_NORM, **self._gather(FINAL_NORM_PARAMS, self.last)})
+        if md.output_layer:
+            queue.put({"name": P.OUTPUT_LAYER, **self._gather(OUTPUT_PARAMS, self.last)})
+        for k in range(md.mtp_num_layers):
+            self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last, MTP_LAYER_PREFIX.format(index=k),
+                             MTP_PARAMS, MTP_PREFIX.format(index=k))
         queue.put(P.DONE)
 
 

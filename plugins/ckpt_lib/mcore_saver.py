@@ -1,12 +1,13 @@
 """Receive protocol messages and write Megatron-Core legacy `torch` rank files at a target layout.
 
-Tensors are split as they arrive and kept only until their pipeline rank's file is complete;
-each rank file is then written and freed. No model is ever built.
+Tensors are split as they arrive and kept only until their pipeline rank's files are complete;
+each rank's files (all TP x EP ranks of the stage) are then written and freed. No model is built.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,21 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .mcore_names import EMBEDDING_PARAMS, FINAL_NORM_PARAMS, LAYER_PREFIX, OUTPUT_PARAMS, VOCAB, Param, layer_params
+from .mcore_names import (
+    EMBEDDING_PARAMS,
+    FINAL_NORM_PARAMS,
+    LAYER_PREFIX,
+    MTP_LAYER_PREFIX,
+    MTP_PARAMS,
+    MTP_PREFIX,
+    OUTPUT_PARAMS,
+    VOCAB,
+    Param,
+    expert_params,
+    layer_params,
+)
 from .megatron_io import iteration_dir_name, megatron_args, rank_dir_name, save_rank_file, write_tracker
-from .pipeline import PipelineLayout, make_layout, parse_layer_list
+from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .runtime import Summary, progress
 from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split
 from .staging import StagedDir, check_target
@@ -30,9 +43,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Target PP size (default: the source's, else 1)")
     group.add_argument("--target-expert-parallel-size", type=int, default=1, help="Target EP size (MoE models)")
     group.add_argument("--num-layer-list", type=str, default=None,
-                       help="Layers per pipeline stage, e.g. 4,3,3 (uneven PP; exclusive with VPP)")
+                       help="Layers per pipeline stage, e.g. 4,3,3 (uneven PP; exclusive with VPP and noop layers)")
     group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                        help="Layers per virtual pipeline chunk (VPP); chunks are saved as model0, model1, ...")
+    group.add_argument("--noop-layers", type=str, default=None,
+                       help="Noop layer indices in the padded numbering (MindSpeed-LLM); they hold no weights")
+    group.add_argument("--schedules-method", choices=["dualpipev"], default=None,
+                       help="dualpipev: two mirrored chunks per pipeline rank")
     group.add_argument("--saver-transformer-impl", default="transformer_engine", choices=["local", "transformer_engine"],
                        help="Parameter naming of the target spec (TE fuses norms into the next linear)")
     group.add_argument("--true-vocab-size", type=int, default=None,
@@ -51,10 +68,13 @@ class McoreSaver:
         self.args, self.md = args, md
         self.tp = args.target_tensor_parallel_size or getattr(md, "previous_tensor_parallel_size", 1) or 1
         self.pp = args.target_pipeline_parallel_size or getattr(md, "previous_pipeline_parallel_size", 1) or 1
-        if getattr(args, "target_expert_parallel_size", 1) not in (None, 1) and not md.num_experts:
-            raise ConversionError("--target-expert-parallel-size > 1 needs a model with experts")
-        layer_list = parse_layer_list(args.num_layer_list)
-        self.layout: PipelineLayout = make_layout(md.num_layers, self.pp, layer_list, args.num_layers_per_virtual_pipeline_stage)
+        self.ep = getattr(args, "target_expert_parallel_size", None) or 1
+        self.num_experts = md.num_experts or 0
+        self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
+        noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
+        self.layout: PipelineLayout = make_layout(
+            md.num_layers + len(noop), self.pp, parse_layer_list(args.num_layer_list),
+            args.num_layers_per_virtual_pipeline_stage, noop, getattr(args, "schedules_method", None) == "dualpipev")
         self.impl = args.saver_transformer_impl
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
@@ -63,36 +83,52 @@ class McoreSaver:
         self.divisible_by = args.make_vocab_size_divisible_by or md.make_vocab_size_divisible_by or 128
         md.make_vocab_size_divisible_by = self.divisible_by
         self.padded_vocab: int | None = None
-        self.layer_table = [p for p in layer_params(self.impl) if p.applies(md)]
-        self.expected = P.layer_shapes(md)
-        # state[pp][tp][chunk] -> {name: tensor}; dropped once the rank file is written.
-        self.state: dict[int, list[list[dict[str, torch.Tensor]]]] = {}
+        self.first, self.last = self.layout.first_segment(), self.layout.last_segment()
+        self.last_layer = {r: self.layout.last_layer_of_rank(r) for r in range(self.pp)}
+        # state[pp][ep][tp][chunk] -> {name: tensor}; dropped once the rank's files are written.
+        self.state: dict[int, list[list[list[dict[str, torch.Tensor]]]]] = {}
         self.word_shards: list[torch.Tensor] | None = None
+        self.copies: list[str] = []
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
 
     def _check_divisibility(self) -> None:
         md, tp = self.md, self.tp
-        for what, size in (("num_attention_heads", md.num_attention_heads), ("num_query_groups", md.num_query_groups),
-                           ("ffn_hidden_size", md.ffn_hidden_size)):
+        sizes = [("num_attention_heads", md.num_attention_heads), ("ffn_hidden_size", md.ffn_hidden_size)]
+        if not getattr(md, "multi_latent_attention", False):
+            sizes.append(("num_query_groups", md.num_query_groups))
+        if self.num_experts:
+            sizes += [("moe_ffn_hidden_size", md.moe_ffn_hidden_size),
+                      ("moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size)]
+        for what, size in sizes:
             if size % tp:
                 raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")
+        if self.ep > 1 and not self.num_experts:
+            raise ConversionError("--target-expert-parallel-size > 1 needs a model with experts")
+        if self.num_experts % self.ep:
+            raise ConversionError(f"--target-expert-parallel-size {self.ep} does not divide the {self.num_experts} experts")
 
-    def _slot(self, pp_rank: int, tp_rank: int, chunk: int) -> dict[str, torch.Tensor]:
-        if pp_rank not in self.state:
-            chunks = len(self.layout.rank_segments(pp_rank))
-            self.state[pp_rank] = [[{} for _ in range(chunks)] for _ in range(self.tp)]
-        return self.state[pp_rank][tp_rank][chunk]
+    def _slots(self, seg: Segment, ep_ranks: Iterable[int]) -> list[list[dict[str, torch.Tensor]]]:
+        """For each EP rank asked, the per-TP-rank dicts of one chunk."""
+        if seg.pp_rank not in self.state:
+            chunks = len(self.layout.rank_segments(seg.pp_rank))
+            self.state[seg.pp_rank] = [[[{} for _ in range(chunks)] for _ in range(self.tp)] for _ in range(self.ep)]
+        return [[chunks[seg.chunk] for chunks in self.state[seg.pp_rank][e]] for e in ep_ranks]
 
-    def _place(self, params: tuple[Param, ...] | list[Param], msg: dict[str, Any], pp_rank: int, chunk: int,
-               prefix: str = "") -> None:
+    def _place(self, params: Iterable[Param], msg: dict[str, Any], seg: Segment, prefix: str = "",
+               ep_ranks: Iterable[int] | None = None, **fmt: int) -> None:
+        """Pop each parameter's keys from `msg`, split for TP and store in every EP rank asked."""
+        targets = self._slots(seg, range(self.ep) if ep_ranks is None else ep_ranks)
         for param in params:
             if not param.applies(self.md):
                 continue
             values = [P.take(msg, k) for k in param.keys]
-            shards = self._split(values, param)
-            for tp_rank, shard in enumerate(shards):
-                self._slot(pp_rank, tp_rank, chunk)[prefix + param.name] = owned(shard.to(self.dtype))
+            dtype = torch.float32 if param.fp32 else self.dtype
+            shards = [owned(s.to(dtype)) for s in self._split(values, param)]
+            name = prefix + param.name.format(**fmt)
+            for per_tp in targets:
+                for tp_rank, shard in enumerate(shards):
+                    per_tp[tp_rank][name] = shard
 
     def _split(self, values: list[torch.Tensor], param: Param) -> list[torch.Tensor]:
         if param.rule == VOCAB:
@@ -107,53 +143,90 @@ class McoreSaver:
         self.padded_vocab = padded_vocab_size(self.true_vocab, self.divisible_by, self.tp)
         return pad_vocab(table, self.padded_vocab)
 
+    def _receive_experts(self, reader: P.MessageReader, message: str, seg: Segment, prefix: str) -> None:
+        """Routed experts arrive in one or more messages; expert e goes to EP rank e // (E / EP)."""
+        per_rank = self.num_experts // self.ep
+        received = 0
+        while received < self.num_experts:
+            msg = reader.get(P.experts_message(message))
+            first = P.take(msg, P.FIRST_EXPERT)
+            count = msg[P.FC2_W].shape[0] if P.FC2_W in msg else 0
+            if first != received or count < 1:
+                raise ConversionError(f"{msg['name']}: expected experts from {received}, got {count} from {first}")
+            P.check_shapes(msg, P.expert_shapes(self.md, count), msg["name"])
+            stacked = {k: msg.pop(k) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
+            for offset in range(count):
+                expert = first + offset
+                one = {k: v[offset] for k, v in stacked.items()}
+                self._place(expert_params(self.impl), one, seg, prefix, [expert // per_rank], expert=expert % per_rank)
+            received += count
+            reader.finish(msg)
+
+    def _receive_layer(self, reader: P.MessageReader, message: str, layer: int, seg: Segment, prefix: str,
+                       extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
+        msg = reader.get(message)
+        moe = P.is_moe_layer(self.md, layer)
+        P.check_shapes(msg, P.mtp_shapes(self.md) if extra else P.layer_shapes(self.md, layer), message)
+        if extra:
+            self._place(extra, msg, seg, extra_prefix)
+        self._place(layer_params(self.impl, self.md, moe), msg, seg, prefix)
+        reader.finish(msg)
+        if moe:
+            self._receive_experts(reader, message, seg, prefix)
+
     def _write_rank(self, pp_rank: int, root: Path) -> None:
-        ns = megatron_args(self.md, tp=self.tp, pp=self.pp, padded_vocab_size=self.padded_vocab, transformer_impl=self.impl,
-                           params_dtype=self.dtype, num_layer_list=parse_layer_list(self.args.num_layer_list),
-                           layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage)
-        for tp_rank, chunks in enumerate(self.state.pop(pp_rank)):
-            path = root / rank_dir_name(tp_rank, pp_rank, 0, self.pp, 1) / "model_optim_rng.pt"
-            self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
+        ns = megatron_args(self.md, tp=self.tp, pp=self.pp, ep=self.ep, padded_vocab_size=self.padded_vocab,
+                           transformer_impl=self.impl, params_dtype=self.dtype, layout=self.layout,
+                           num_layer_list=parse_layer_list(self.args.num_layer_list),
+                           layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage,
+                           schedules_method=getattr(self.args, "schedules_method", None))
+        for ep_rank, per_tp in enumerate(self.state.pop(pp_rank)):
+            for tp_rank, chunks in enumerate(per_tp):
+                path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
+                self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
-        md, last = self.md, self.pp - 1
-        first_seg = self.layout.rank_segments(0)[0]
+        md, first, last = self.md, self.first, self.last
         msg = reader.get(P.EMBEDDINGS)
         word = msg[P.WORD_EMB]
         if word.dim() != 2 or word.shape[1] != md.hidden_size:
             raise ConversionError(f"embeddings: word embeddings have shape {list(word.shape)}, hidden size is {md.hidden_size}")
-        self._place(EMBEDDING_PARAMS, msg, 0, first_seg.chunk)
+        self._place(EMBEDDING_PARAMS, msg, first)
         reader.finish(msg)
-        if not md.output_layer and self.pp > 1:
-            self.word_shards = [self.state[0][t][first_seg.chunk]["embedding.word_embeddings.weight"] for t in range(self.tp)]
+        # The last stage needs its own copy of the embeddings for a tied output layer or for MTP.
+        self.copies = [n for n, needed in (("output_layer.weight", not md.output_layer),
+                                           ("embedding.word_embeddings.weight", self.mtp_layers > 0)) if needed]
+        if last.pp_rank != first.pp_rank and self.copies:
+            self.word_shards = [t["embedding.word_embeddings.weight"] for t in self._slots(first, [0])[0]]
 
         for layer in progress(range(md.num_layers), md.num_layers, "saver_core_ext"):
-            msg = reader.get(P.layer_message(layer))
-            P.check_shapes(msg, self.expected, P.layer_message(layer))
-            seg, local = self.layout.locate(layer)
-            self._place(self.layer_table, msg, seg.pp_rank, seg.chunk, LAYER_PREFIX.format(layer=local))
-            reader.finish(msg)
-            if seg.pp_rank != last and layer == self.layout.last_layer_of_rank(seg.pp_rank):
+            seg, local = self.layout.locate_real(layer)
+            self._receive_layer(reader, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
+            if seg.pp_rank != last.pp_rank and layer == self.last_layer[seg.pp_rank]:
                 self._write_rank(seg.pp_rank, root)
 
-        last_chunk = self.layout.rank_segments(last)[-1].chunk
         msg = reader.get(P.FINAL_NORM)
-        if tuple(msg["weight"].shape) != (md.hidden_size,):
-            raise ConversionError(f"final norm: weight has shape {list(msg['weight'].shape)}, expected [{md.hidden_size}]")
-        self._place(FINAL_NORM_PARAMS, msg, last, last_chunk)
+        P.check_shapes(msg, P.global_shapes(md, 0)[P.FINAL_NORM], P.FINAL_NORM)
+        self._place(FINAL_NORM_PARAMS, msg, last)
         reader.finish(msg)
         if md.output_layer:
             msg = reader.get(P.OUTPUT_LAYER)
-            self._place(OUTPUT_PARAMS, msg, last, last_chunk)
+            self._place(OUTPUT_PARAMS, msg, last)
             reader.finish(msg)
-        elif self.word_shards is not None:
-            for tp_rank, shard in enumerate(self.word_shards):
-                self._slot(last, tp_rank, last_chunk)["output_layer.weight"] = shard
+        if self.word_shards is not None:
+            for per_tp in self._slots(last, range(self.ep)):
+                for tp_rank, shard in enumerate(self.word_shards):
+                    per_tp[tp_rank].update(dict.fromkeys(self.copies, shard))
+        for k in range(self.mtp_layers):
+            self._receive_layer(reader, P.mtp_message(k), md.num_layers + k, last, MTP_LAYER_PREFIX.format(index=k),
+                                MTP_PARAMS, MTP_PREFIX.format(index=k))
         end = reader.get_raw()
         if end != P.DONE:
             name = end.get("name") if isinstance(end, dict) else end
-            raise ConversionError(f"unsupported message '{name}' (dense GPT models only carry embeddings, layers, final norm, output layer)")
-        self._write_rank(last, root)
+            raise ConversionError(f"unsupported message '{name}'")
+        self._write_rank(last.pp_rank, root)
+        for rank in sorted(self.state):
+            self._write_rank(rank, root)
 
 
 def save(queue: Any, args: argparse.Namespace) -> None:
@@ -175,7 +248,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         staged.discard()
         raise
     saver.summary.notes.append(
-        f"TP{saver.tp} PP{saver.pp} chunks/rank {saver.layout.num_chunks} layers/stage {saver.layout.layers_per_stage()} "
-        f"impl {saver.impl} dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
+        f"TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
+        f"layers/stage {saver.layout.layers_per_stage()} impl {saver.impl} "
+        f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )
     saver.summary.print(target)

@@ -110,14 +110,27 @@ def find_iteration_dir(load_dir: Path) -> tuple[Path, int | str]:
 
 
 def rank_grid(iteration_dir: Path) -> dict[tuple[int, int, int], Path]:
-    """(tp, pp, ep) -> rank file for every `mp_rank_*` directory, checked to be a full grid."""
-    grid: dict[tuple[int, int, int], Path] = {}
+    """(tp, pp, ep) -> rank file for every `mp_rank_*` directory, checked to be a full grid.
+
+    With one suffix the name alone is ambiguous (`mp_rank_00_001` is PP rank 1, or EP rank 1 when
+    PP is 1); the checkpoint's own `args.pipeline_model_parallel_size` decides, as in Megatron.
+    """
+    found: dict[tuple[int, int | None, int | None], Path] = {}
     for d in iteration_dir.iterdir():
         m = RANK_DIR.match(d.name)
         if m and d.is_dir():
-            grid[(int(m[1]), int(m[2] or 0), int(m[3] or 0))] = d / RANK_FILE
-    if not grid:
+            found[(int(m[1]), None if m[2] is None else int(m[2]), None if m[3] is None else int(m[3]))] = d / RANK_FILE
+    if not found:
         raise ConversionError(f"{iteration_dir}: no mp_rank_* directories")
+    single_suffix = all(k[1] is not None and k[2] is None for k in found)
+    suffix_is_ep = False
+    if single_suffix:
+        args = load_rank_file(next(iter(found.values()))).get("args")
+        suffix_is_ep = getattr(args, "pipeline_model_parallel_size", 2) == 1
+    grid: dict[tuple[int, int, int], Path] = {}
+    for (tp, a, b), path in found.items():
+        pp, ep = (0, a or 0) if suffix_is_ep else (a or 0, b or 0)
+        grid[(tp, pp, ep)] = path
     sizes = [1 + max(k[i] for k in grid) for i in range(3)]
     for tp in range(sizes[0]):
         for pp in range(sizes[1]):
@@ -127,15 +140,15 @@ def rank_grid(iteration_dir: Path) -> dict[tuple[int, int, int], Path]:
     return grid
 
 
-def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, padded_vocab_size: int, transformer_impl: str,
-                  params_dtype: torch.dtype, num_layer_list: list[int] | None,
-                  layers_per_virtual_stage: int | None) -> argparse.Namespace:
+def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_vocab_size: int | None,
+                  transformer_impl: str, params_dtype: torch.dtype, layout: Any, num_layer_list: list[int] | None,
+                  layers_per_virtual_stage: int | None, schedules_method: str | None) -> argparse.Namespace:
     """A complete `args` Namespace, enough for Megatron-LM's `--use-checkpoint-args` and loaders."""
-    chunks = None
-    if layers_per_virtual_stage:
-        chunks = md.num_layers // pp // layers_per_virtual_stage
-    return argparse.Namespace(
-        num_layers=md.num_layers,
+    chunks = layout.num_chunks if layout.num_chunks > 1 else None
+    mla = bool(getattr(md, "multi_latent_attention", False))
+    num_experts = md.num_experts or None
+    args = argparse.Namespace(
+        num_layers=layout.num_layers,
         hidden_size=md.hidden_size,
         ffn_hidden_size=md.ffn_hidden_size,
         num_attention_heads=md.num_attention_heads,
@@ -157,7 +170,7 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, padded_vocab_size
         apply_layernorm_1p=False,
         add_bias_linear=md.linear_bias,
         add_qkv_bias=md.qkv_bias,
-        qk_layernorm=bool(getattr(md, "qk_layernorm", False)),
+        qk_layernorm=bool(getattr(md, "qk_layernorm", False)) or mla,
         untie_embeddings_and_output_weights=md.output_layer,
         padded_vocab_size=padded_vocab_size,
         vocab_size=getattr(md, "vocab_size", None),
@@ -169,16 +182,18 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, padded_vocab_size
         bf16=params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=1,
+        expert_model_parallel_size=ep,
         expert_tensor_parallel_size=tp,
         virtual_pipeline_model_parallel_size=chunks,
         num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage,
         num_layer_list=",".join(map(str, num_layer_list)) if num_layer_list else None,
+        noop_layers=",".join(map(str, sorted(layout.noop))) if layout.noop else None,
+        schedules_method=schedules_method,
         data_parallel_size=1,
-        world_size=tp * pp,
-        sequence_parallel=False,
+        world_size=tp * pp * ep,
+        sequence_parallel=bool(num_experts) and tp > 1,
         apply_query_key_layer_scaling=False,
-        num_experts=None,
+        num_experts=num_experts,
         transformer_impl=transformer_impl,
         use_mcore_models=True,
         use_legacy_models=False,
@@ -187,4 +202,21 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, padded_vocab_size
         consumed_train_samples=getattr(md, "consumed_train_samples", 0),
         consumed_valid_samples=getattr(md, "consumed_valid_samples", 0),
         hf_config=getattr(md, "hf_config", None),
+        multi_latent_attention=mla,
+        mtp_num_layers=getattr(md, "mtp_num_layers", None) or None,
     )
+    if mla:
+        for field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            setattr(args, field, getattr(md, field))
+    if num_experts:
+        first_k = getattr(md, "first_k_dense_replace", 0)
+        args.moe_layer_freq = [0 if i < first_k else 1 for i in range(md.num_layers)]
+        args.first_k_dense_replace = first_k
+        for field in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
+                      "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+                      "moe_router_score_function", "moe_router_enable_expert_bias"):
+            setattr(args, field, getattr(md, field, None))
+        args.moe_router_dtype = "fp32"
+        args.moe_grouped_gemm = transformer_impl == "transformer_engine"
+        args.moe_token_dispatcher_type = "alltoall"
+    return args

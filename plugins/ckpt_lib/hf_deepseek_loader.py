@@ -1,0 +1,75 @@
+"""HuggingFace DeepSeek-V3 (bf16 or fp32) -> protocol: MLA, MoE (experts streamed in bounded
+messages), and the MTP layer stored as layer `num_hidden_layers`.
+
+FP8 checkpoints (`*_weight_scale_inv`) are refused: dequantize them to bf16 first with DeepSeek's
+`fp8_cast_bf16.py`, as the seeds prescribe.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+from .families import deepseek
+from .hf_loader import check_copy, deepseek_plan, read_config, stream, validate
+from .pipeline import parse_layer_list
+from .safetensors_io import SafetensorsSource
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
+    group.add_argument("--num-layers", type=int, default=None,
+                       help="Layers without MTP, noop layers included (DeepSeek-V3: 61; default: from config.json)")
+    group.add_argument("--first-k-dense-replace", type=int, default=None,
+                       help="Dense layers before the MoE layers, at most 3 (default: from config.json)")
+    group.add_argument("--mtp-num-layers", "--num-nextn-predict-layers", dest="mtp_num_layers", type=int, default=0,
+                       help="MTP layers to convert: 0 (skip the MTP layer) or 1 (default 0, as in the seeds)")
+    group.add_argument("--noop-layers", type=str, default=None,
+                       help="Noop layer indices in the padded numbering, e.g. 61,62 (exclusive with --num-layer-list)")
+    group.add_argument("--experts-per-message", type=int, default=8,
+                       help="Routed experts per queue message (bounds the memory of one message)")
+
+
+def load(queue: Any, args: argparse.Namespace) -> None:
+    load_dir = Path(args.load_dir)
+    cfg = read_config(load_dir)
+    if cfg.get("model_type") not in ("deepseek_v3", None):
+        raise ConversionError(f"config.json: model_type {cfg.get('model_type')!r} is not deepseek_v3")
+    source = SafetensorsSource.from_dir(load_dir)
+    fp8 = [n for n in source.names() if n.endswith("_scale_inv") or source.dtype(n) in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if fp8:
+        raise ConversionError(f"FP8 checkpoint ({fp8[0]}): dequantize it to bf16 first (DeepSeek's fp8_cast_bf16.py)")
+    if args.mtp_num_layers not in (0, 1):
+        raise ConversionError(f"--mtp-num-layers {args.mtp_num_layers}: only 0 or 1 is supported")
+    if args.first_k_dense_replace is not None:
+        if args.first_k_dense_replace != cfg.get("first_k_dense_replace"):
+            raise ConversionError(f"--first-k-dense-replace {args.first_k_dense_replace} disagrees with config.json "
+                                  f"first_k_dense_replace {cfg.get('first_k_dense_replace')}")
+    noop = parse_layer_list(args.noop_layers) or []
+    if args.num_layers is not None and args.num_layers != cfg.get("num_hidden_layers", 0) + len(noop):
+        raise ConversionError(f"--num-layers {args.num_layers} should be config.json num_hidden_layers "
+                              f"{cfg.get('num_hidden_layers')} + {len(noop)} noop layers")
+    if args.experts_per_message < 1:
+        raise ConversionError("--experts-per-message must be >= 1")
+    embed = "model.embed_tokens.weight"
+    if embed not in source:
+        raise ConversionError(f"tensor {embed!r} is missing from the checkpoint")
+    md = deepseek.metadata_from_hf(cfg, source.dtype(embed), args.mtp_num_layers)
+    if args.mtp_num_layers and (cfg.get("num_nextn_predict_layers") or 0) < 1:
+        raise ConversionError("--mtp-num-layers 1, but config.json has num_nextn_predict_layers 0")
+    plan = deepseek_plan(md, args.experts_per_message)
+    mtp_prefix = f"model.layers.{md.num_layers}."
+    mtp_names = {n for n in source.names() if n.startswith(mtp_prefix)}
+    copies = {mtp_prefix + c: original for c, original in deepseek.MTP_COPIES.items()}
+    ignored = (mtp_names if not args.mtp_num_layers else {c for c in copies if c in source})
+    validate(source, md, plan, ignored)
+    if args.mtp_num_layers:
+        for copy, original in copies.items():
+            check_copy(source, copy, original)
+    elif mtp_names:
+        print(f"loader_hf_deepseek3: skipping the {len(mtp_names)} MTP tensors of layer {md.num_layers} (--mtp-num-layers 0)")
+    stream(queue, source, md, plan, "loader_hf_deepseek3")
