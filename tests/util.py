@@ -78,9 +78,23 @@ def convert_inprocess(loader: str, saver: str, load_dir: Path, save_dir: Path, *
             failure.append(e)
 
     thread = threading.Thread(target=run_saver)
+
+    class Guarded:
+        """The loader's queue; stops blocking when the saver thread has died."""
+
+        def put(self, item: Any) -> None:
+            while True:
+                try:
+                    return q.put(item, timeout=0.2)
+                except queue.Full:
+                    if not thread.is_alive():
+                        raise failure[0] if failure else RuntimeError("saver ended early") from None
+
     thread.start()
-    lmod.load_checkpoint(q, args)
-    thread.join()
+    try:
+        lmod.load_checkpoint(Guarded(), args)
+    finally:
+        thread.join()
     if failure:
         raise failure[0]
 

@@ -60,6 +60,8 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
             raise ConversionError(f"config.json {hf_key}={cfg[hf_key]} disagrees with the checkpoint's {md_key}={getattr(md, md_key)}")
     if cfg.get("tie_word_embeddings", False) == bool(md.output_layer):
         raise ConversionError(f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings', False)} disagrees with the checkpoint")
+    if getattr(md, "multi_latent_attention", False):
+        cfg["num_nextn_predict_layers"] = getattr(md, "mtp_num_layers", 0) or 0
     cfg["dtype"] = str(md.params_dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     return cfg

@@ -32,6 +32,7 @@ from .mcore_names import (
     layer_params,
 )
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
+from .mindspeed import from_mindspeed, is_mindspeed
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
 from .runtime import progress
 from .sharding import COLUMN, gather
@@ -173,7 +174,13 @@ class McoreLoader:
         first = f.file(0, 0)
         if "args" not in first:
             raise ConversionError(f"{f.grid[(0, 0, 0)]}: no 'args' in the checkpoint")
-        self.impl = detect_impl(_tensor_names(f.chunks(0, 0)[0]))
+        raw_names = _tensor_names(f.chunks(0, 0)[0])
+        self.impl = detect_impl(raw_names)
+        cargs = first["args"]
+        self.mindspeed = is_mindspeed(raw_names) or getattr(cargs, "naming", None) == "mindspeed"
+        self.tp_extend = bool(getattr(cargs, "moe_tp_extend_ep", False))
+        self.te_grouped = self.impl == "transformer_engine" and any(".mlp.experts.linear_fc1.weight" in n for n in raw_names)
+        self._chunks: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
         self.layout = detect_layout(f, first["args"])
@@ -187,15 +194,29 @@ class McoreLoader:
             raise ConversionError(f"the files hold {self.layout.num_layers} layers but args.num_layers is {first['args'].num_layers}")
         if md.num_experts and md.num_experts % f.ep:
             raise ConversionError(f"{md.num_experts} experts do not split over the {f.ep} expert-parallel ranks of the files")
-        self.experts_per_rank = md.num_experts // f.ep if md.num_experts else 0
+        buckets = f.ep * f.tp if self.tp_extend else f.ep
+        if md.num_experts and md.num_experts % buckets:
+            raise ConversionError(f"{md.num_experts} experts do not split into the checkpoint's {buckets} expert groups")
+        self.experts_per_rank = md.num_experts // buckets if md.num_experts else 0
         self.last = self.layout.last_segment()
         self._check_names()
 
+    def chunks(self, tp: int, pp: int, ep: int) -> list[dict[str, Any]]:
+        """A rank file's chunks under megatron-core local/TE names (MindSpeed-LLM names rewritten)."""
+        key = (tp, pp, ep)
+        if key not in self._chunks:
+            self._chunks[key] = [from_mindspeed(c, self.md, self.experts_per_rank) for c in self.files.chunks(tp, pp, ep)]
+        return self._chunks[key]
+
+    def _layer_params(self, moe: bool) -> tuple[Param, ...]:
+        return layer_params(self.impl, self.md, moe, self.mindspeed)
+
     def _layer_names(self, prefix: str, layer: int, ep: int) -> set[str]:
         moe = P.is_moe_layer(self.md, layer)
-        names = {prefix + p.name for p in layer_params(self.impl, self.md, moe) if p.applies(self.md)}
+        names = {prefix + p.name for p in self._layer_params(moe) if p.applies(self.md)}
         if moe:
-            names.update(prefix + p.name.format(expert=e) for e in range(self.experts_per_rank) for p in expert_params(self.impl))
+            names.update(prefix + p.name.format(expert=e) for e in range(self.experts_per_rank)
+                         for p in expert_params(self.impl, self.te_grouped))
         return names
 
     def _planned(self, pp: int, ep: int, chunk: int) -> set[str]:
@@ -223,7 +244,7 @@ class McoreLoader:
     def _check_names(self) -> None:
         """Every tensor in every file is mapped, and every mapped tensor exists."""
         for (tp, pp, ep), path in sorted(self.files.grid.items()):
-            for chunk, state in enumerate(self.files.chunks(tp, pp, ep)):
+            for chunk, state in enumerate(self.chunks(tp, pp, ep)):
                 planned, present = self._planned(pp, ep, chunk), set(_tensor_names(state))
                 if present - planned:
                     extra = sorted(present - planned)
@@ -231,13 +252,16 @@ class McoreLoader:
                 if planned - present:
                     raise ConversionError(f"{path}: missing tensors {sorted(planned - present)[:5]}")
 
-    def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, **fmt: int) -> dict[str, torch.Tensor]:
+    def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
+                **fmt: int) -> dict[str, torch.Tensor]:
+        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`)."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
             if not param.applies(self.md):
                 continue
             name = prefix + param.name.format(**fmt)
-            shards = [self.files.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in range(self.files.tp)]
+            tps = range(self.files.tp) if only_tp is None else [only_tp]
+            shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
             full = gather(shards, COLUMN if param.rule == VOCAB else param.rule, name)
             out.update(zip(param.keys, full if isinstance(full, tuple) else (full,)))
         return out
@@ -246,16 +270,22 @@ class McoreLoader:
                     extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
         moe = P.is_moe_layer(self.md, layer)
         msg = self._gather(extra, seg, extra_prefix) if extra else {}
-        msg.update(self._gather(layer_params(self.impl, self.md, moe), seg, prefix))
+        msg.update(self._gather(self._layer_params(moe), seg, prefix))
         queue.put({"name": message, **msg})
         if not moe:
             return
         for first in range(0, self.md.num_experts, self.experts_per_message):
             experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
-            parts = [self._gather(expert_params(self.impl), seg, prefix, e // self.experts_per_rank,
-                                  expert=e % self.experts_per_rank) for e in experts]
+            parts = [self._gather_expert(e, seg, prefix) for e in experts]
             stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
             queue.put({"name": P.experts_message(message), P.FIRST_EXPERT: first, **stacked})
+
+    def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
+        table, group, local = expert_params(self.impl, self.te_grouped), *divmod(expert, self.experts_per_rank)
+        if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
+            ep, tp = divmod(group, self.files.tp)
+            return self._gather(table, seg, prefix, ep, tp, expert=local)
+        return self._gather(table, seg, prefix, group, expert=local)
 
     def send(self, queue: Any) -> None:
         md = self.md

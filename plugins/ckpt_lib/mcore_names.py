@@ -39,10 +39,10 @@ class Param:
 TE = "transformer_engine"
 
 
-def attention_params(md: Any, impl: str) -> tuple[Param, ...]:
+def attention_params(md: Any, impl: str, whole_mla_down: bool = False) -> tuple[Param, ...]:
     """Self-attention of one layer: GQA (dense GPT) or MLA (DeepSeek-V3)."""
     if getattr(md, "multi_latent_attention", False):
-        return mla_params(impl)
+        return mla_params(impl, whole_mla_down)
     norm = "self_attention.linear_qkv.layer_norm_" if impl == TE else "input_layernorm."
     return (
         Param(norm + "weight", (P.INPUT_NORM_W,), REPLICATED),
@@ -56,10 +56,11 @@ def attention_params(md: Any, impl: str) -> tuple[Param, ...]:
     )
 
 
-def mla_params(impl: str) -> tuple[Param, ...]:
+def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
     """MLA: the local spec splits the down projections over TP (ColumnParallelLinear), the TE spec
-    keeps them whole (TELinear 'duplicated') and fuses the latent norms into the up projections."""
-    down = REPLICATED if impl == TE else COLUMN
+    keeps them whole (TELinear 'duplicated') and fuses the latent norms into the up projections;
+    MindSpeed-LLM keeps them whole with local names (`whole_down`)."""
+    down = REPLICATED if impl == TE or whole_down else COLUMN
     q_norm = "self_attention.linear_q_up_proj.layer_norm_weight" if impl == TE else "self_attention.q_layernorm.weight"
     kv_norm = "self_attention.linear_kv_up_proj.layer_norm_weight" if impl == TE else "self_attention.kv_layernorm.weight"
     return (
@@ -97,14 +98,17 @@ def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
     )
 
 
-def layer_params(impl: str, md: Any = None, moe: bool = False) -> tuple[Param, ...]:
+def layer_params(impl: str, md: Any = None, moe: bool = False, whole_mla_down: bool = False) -> tuple[Param, ...]:
     """Parameters of one transformer layer (without routed experts)."""
-    return attention_params(md, impl) + mlp_params(md, impl, moe)
+    return attention_params(md, impl, whole_mla_down) + mlp_params(md, impl, moe)
 
 
-def expert_params(impl: str) -> tuple[Param, ...]:
-    """One routed expert; `{expert}` is its local index on the EP rank. Split by expert-TP."""
-    if impl == TE:  # TEGroupedMLP
+def expert_params(impl: str, grouped_gemm: bool = False) -> tuple[Param, ...]:
+    """One routed expert; `{expert}` is its local index on the EP rank. Split by expert-TP.
+
+    TE with grouped GEMM is TEGroupedMLP; otherwise SequentialMLP names (the local spec's legacy
+    GroupedMLP `weight1`/`weight2` are produced from these by `mindspeed.group_experts`)."""
+    if impl == TE and grouped_gemm:  # TEGroupedMLP
         fc1, fc2 = "mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}"
     else:  # SequentialMLP
         fc1, fc2 = "mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"
@@ -136,7 +140,7 @@ IMPLS = ("local", TE)
 
 def detect_impl(names: list[str]) -> str:
     """Which spec a state dict was written with, from its norm names."""
-    if any(n.endswith(("linear_qkv.layer_norm_weight", "linear_q_up_proj.layer_norm_weight", "mlp.experts.linear_fc1.weight0"))
-           for n in names):
+    if any(n.endswith(("linear_qkv.layer_norm_weight", "linear_q_up_proj.layer_norm_weight", "mlp.experts.linear_fc1.weight0",
+                       "linear_fc1.layer_norm_weight")) for n in names):
         return TE
     return "local"

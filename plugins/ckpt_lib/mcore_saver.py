@@ -29,6 +29,7 @@ from .mcore_names import (
     layer_params,
 )
 from .megatron_io import iteration_dir_name, megatron_args, rank_dir_name, save_rank_file, write_tracker
+from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .runtime import Summary, progress
 from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split
@@ -52,6 +53,14 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="dualpipev: two mirrored chunks per pipeline rank")
     group.add_argument("--saver-transformer-impl", default="transformer_engine", choices=["local", "transformer_engine"],
                        help="Parameter naming of the target spec (TE fuses norms into the next linear)")
+    group.add_argument("--naming", choices=["megatron-core", "mindspeed"], default="megatron-core",
+                       help="Name profile: megatron-core GPTModel, or MindSpeed-LLM's (fused MLA down projection, ...)")
+    group.add_argument("--moe-grouped-gemm", action="store_true",
+                       help="Grouped experts: TEGroupedMLP names with TE, weight1/weight2 otherwise and under --naming mindspeed")
+    group.add_argument("--moe-tp-extend-ep", action="store_true",
+                       help="MindSpeed-LLM: experts are not split over TP; TP extends EP (needs --moe-grouped-gemm)")
+    group.add_argument("--mla-mm-split", action="store_true",
+                       help="MindSpeed-LLM: MLA up projections as linear_qk_nope/qk_rope/kv_nope/v")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size; the table is trimmed/padded from it (default: from the source)")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
@@ -75,7 +84,12 @@ class McoreSaver:
         self.layout: PipelineLayout = make_layout(
             md.num_layers + len(noop), self.pp, parse_layer_list(args.num_layer_list),
             args.num_layers_per_virtual_pipeline_stage, noop, getattr(args, "schedules_method", None) == "dualpipev")
-        self.impl = args.saver_transformer_impl
+        self.naming = getattr(args, "naming", "megatron-core")
+        self.grouped = bool(getattr(args, "moe_grouped_gemm", False))
+        self.tp_extend = bool(getattr(args, "moe_tp_extend_ep", False))
+        self.mm_split = bool(getattr(args, "mla_mm_split", False))
+        self.impl = "local" if self.naming == "mindspeed" else args.saver_transformer_impl
+        self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
         self._check_divisibility()
@@ -108,6 +122,22 @@ class McoreSaver:
         if self.num_experts % self.ep:
             raise ConversionError(f"--target-expert-parallel-size {self.ep} does not divide the {self.num_experts} experts")
 
+    def _check_profile(self, dualpipev: bool) -> None:
+        """The seeds' exclusions between MindSpeed-LLM options."""
+        mindspeed = self.naming == "mindspeed"
+        if (self.mm_split or self.tp_extend) and not mindspeed:
+            raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
+        if self.mm_split and not getattr(self.md, "multi_latent_attention", False):
+            raise ConversionError("--mla-mm-split needs an MLA model")
+        if self.tp_extend and not self.grouped:
+            raise ConversionError("--moe-tp-extend-ep needs --moe-grouped-gemm")
+        if (self.grouped or self.tp_extend) and not self.num_experts:
+            raise ConversionError("--moe-grouped-gemm / --moe-tp-extend-ep need a model with experts")
+        if self.tp_extend and self.num_experts % (self.ep * self.tp):
+            raise ConversionError(f"--moe-tp-extend-ep: EP x TP = {self.ep * self.tp} does not divide the {self.num_experts} experts")
+        if mindspeed and dualpipev and self.tp > 1 and not self.tp_extend:
+            raise ConversionError("--schedules-method dualpipev with TP > 1 needs --moe-tp-extend-ep (MindSpeed-LLM)")
+
     def _slots(self, seg: Segment, ep_ranks: Iterable[int]) -> list[list[dict[str, torch.Tensor]]]:
         """For each EP rank asked, the per-TP-rank dicts of one chunk."""
         if seg.pp_rank not in self.state:
@@ -116,25 +146,29 @@ class McoreSaver:
         return [[chunks[seg.chunk] for chunks in self.state[seg.pp_rank][e]] for e in ep_ranks]
 
     def _place(self, params: Iterable[Param], msg: dict[str, Any], seg: Segment, prefix: str = "",
-               ep_ranks: Iterable[int] | None = None, **fmt: int) -> None:
-        """Pop each parameter's keys from `msg`, split for TP and store in every EP rank asked."""
+               ep_ranks: Iterable[int] | None = None, only_tp: int | None = None, **fmt: int) -> None:
+        """Pop each parameter's keys from `msg`, split for TP and store in every EP rank asked;
+        with `only_tp`, store the unsplit tensor in that TP rank only (--moe-tp-extend-ep)."""
         targets = self._slots(seg, range(self.ep) if ep_ranks is None else ep_ranks)
         for param in params:
             if not param.applies(self.md):
                 continue
             values = [P.take(msg, k) for k in param.keys]
             dtype = torch.float32 if param.fp32 else self.dtype
-            shards = [owned(s.to(dtype)) for s in self._split(values, param)]
+            shards = [owned(s.to(dtype)) for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
             name = prefix + param.name.format(**fmt)
             for per_tp in targets:
+                if only_tp is not None:
+                    per_tp[only_tp][name] = shards[0]
+                    continue
                 for tp_rank, shard in enumerate(shards):
                     per_tp[tp_rank][name] = shard
 
-    def _split(self, values: list[torch.Tensor], param: Param) -> list[torch.Tensor]:
+    def _split(self, values: list[torch.Tensor], param: Param, tp: int) -> list[torch.Tensor]:
         if param.rule == VOCAB:
-            return split(self._pad_vocab(values[0]), COLUMN, self.tp, param.name)
+            return split(self._pad_vocab(values[0]), COLUMN, tp, param.name)
         full = values[0] if len(values) == 1 else tuple(values)
-        return split(full, param.rule, self.tp, param.name)
+        return split(full, param.rule, tp, param.name)
 
     def _pad_vocab(self, table: torch.Tensor) -> torch.Tensor:
         if self.true_vocab is None:
@@ -146,6 +180,8 @@ class McoreSaver:
     def _receive_experts(self, reader: P.MessageReader, message: str, seg: Segment, prefix: str) -> None:
         """Routed experts arrive in one or more messages; expert e goes to EP rank e // (E / EP)."""
         per_rank = self.num_experts // self.ep
+        per_bucket = self.num_experts // (self.ep * self.tp)
+        table = expert_params(self.impl, self.grouped)
         received = 0
         while received < self.num_experts:
             msg = reader.get(P.experts_message(message))
@@ -158,7 +194,11 @@ class McoreSaver:
             for offset in range(count):
                 expert = first + offset
                 one = {k: v[offset] for k, v in stacked.items()}
-                self._place(expert_params(self.impl), one, seg, prefix, [expert // per_rank], expert=expert % per_rank)
+                if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
+                    ep_rank, tp_rank = divmod(expert // per_bucket, self.tp)
+                    self._place(table, one, seg, prefix, [ep_rank], tp_rank, expert=expert % per_bucket)
+                else:
+                    self._place(table, one, seg, prefix, [expert // per_rank], expert=expert % per_rank)
             received += count
             reader.finish(msg)
 
@@ -169,7 +209,7 @@ class McoreSaver:
         P.check_shapes(msg, P.mtp_shapes(self.md) if extra else P.layer_shapes(self.md, layer), message)
         if extra:
             self._place(extra, msg, seg, extra_prefix)
-        self._place(layer_params(self.impl, self.md, moe), msg, seg, prefix)
+        self._place(layer_params(self.impl, self.md, moe, self.naming == "mindspeed"), msg, seg, prefix)
         reader.finish(msg)
         if moe:
             self._receive_experts(reader, message, seg, prefix)
@@ -179,9 +219,14 @@ class McoreSaver:
                            transformer_impl=self.impl, params_dtype=self.dtype, layout=self.layout,
                            num_layer_list=parse_layer_list(self.args.num_layer_list),
                            layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage,
-                           schedules_method=getattr(self.args, "schedules_method", None))
+                           schedules_method=getattr(self.args, "schedules_method", None), naming=self.naming,
+                           moe_grouped_gemm=self.grouped, moe_tp_extend_ep=self.tp_extend, mla_mm_split=self.mm_split)
         for ep_rank, per_tp in enumerate(self.state.pop(pp_rank)):
             for tp_rank, chunks in enumerate(per_tp):
+                if self.naming == "mindspeed":
+                    chunks = [to_mindspeed(c, self.md, self.grouped, self.mm_split) for c in chunks]
+                elif self.grouped and self.impl == "local":
+                    chunks = [group_experts(c) for c in chunks]
                 path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
                 self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
 
@@ -248,7 +293,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         staged.discard()
         raise
     saver.summary.notes.append(
-        f"TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
+        f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
         f"layers/stage {saver.layout.layers_per_stage()} impl {saver.impl} "
         f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )

@@ -142,7 +142,9 @@ def rank_grid(iteration_dir: Path) -> dict[tuple[int, int, int], Path]:
 
 def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_vocab_size: int | None,
                   transformer_impl: str, params_dtype: torch.dtype, layout: Any, num_layer_list: list[int] | None,
-                  layers_per_virtual_stage: int | None, schedules_method: str | None) -> argparse.Namespace:
+                  layers_per_virtual_stage: int | None, schedules_method: str | None, naming: str = "megatron-core",
+                  moe_grouped_gemm: bool = False, moe_tp_extend_ep: bool = False,
+                  mla_mm_split: bool = False) -> argparse.Namespace:
     """A complete `args` Namespace, enough for Megatron-LM's `--use-checkpoint-args` and loaders."""
     chunks = layout.num_chunks if layout.num_chunks > 1 else None
     mla = bool(getattr(md, "multi_latent_attention", False))
@@ -183,7 +185,7 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=tp,
+        expert_tensor_parallel_size=1 if moe_tp_extend_ep else tp,
         virtual_pipeline_model_parallel_size=chunks,
         num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage,
         num_layer_list=",".join(map(str, num_layer_list)) if num_layer_list else None,
@@ -217,6 +219,9 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
                       "moe_router_score_function", "moe_router_enable_expert_bias"):
             setattr(args, field, getattr(md, field, None))
         args.moe_router_dtype = "fp32"
-        args.moe_grouped_gemm = transformer_impl == "transformer_engine"
+        args.moe_grouped_gemm = moe_grouped_gemm
+        args.moe_tp_extend_ep = moe_tp_extend_ep
         args.moe_token_dispatcher_type = "alltoall"
+    args.naming = naming
+    args.mla_mm_split = mla_mm_split
     return args
