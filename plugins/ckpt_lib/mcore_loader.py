@@ -17,6 +17,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
+from .lora import LoraOptions, check_options, gather_adapter, merge, split_adapters
 from .mcore_names import (
     EMBEDDING_PARAMS,
     FINAL_NORM_PARAMS,
@@ -35,7 +36,7 @@ from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
 from .mindspeed import from_mindspeed, is_mindspeed
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
 from .runtime import progress
-from .sharding import COLUMN, gather
+from .sharding import COLUMN, GATED, gather
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
@@ -53,6 +54,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Checked against the files (detected from the norm names)")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size (default: recorded in the checkpoint's args, else keep padding)")
+    group.add_argument("--lora-load", type=str, default=None,
+                       help="A LoRA-only checkpoint (saved with --lora-ckpt-filter) to merge into --load-dir")
+    group.add_argument("--lora-r", type=int, default=None, help="LoRA rank used in fine-tuning (checked against the shapes)")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha used in fine-tuning (scale alpha / r)")
+    group.add_argument("--lora-target-modules", nargs="+", default=None,
+                       help="LoRA target modules, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)")
+    group.add_argument("--lora-use-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
 
 
 class RankFiles:
@@ -181,6 +189,9 @@ class McoreLoader:
         self.tp_extend = bool(getattr(cargs, "moe_tp_extend_ep", False))
         self.te_grouped = self.impl == "transformer_engine" and any(".mlp.experts.linear_fc1.weight" in n for n in raw_names)
         self._chunks: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+        self._adapters: dict[tuple[int, int, int], list[dict[str, dict[str, torch.Tensor]]]] = {}
+        self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
+        self.lora_files = self._lora_files(args.lora_load, f)
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
         self.layout = detect_layout(f, first["args"])
@@ -201,12 +212,36 @@ class McoreLoader:
         self.last = self.layout.last_segment()
         self._check_names()
 
+    @staticmethod
+    def _lora_files(lora_load: str | None, base: RankFiles) -> RankFiles | None:
+        if lora_load is None:
+            return None
+        files = RankFiles(rank_grid(find_iteration_dir(Path(lora_load))[0]))
+        if (files.tp, files.pp, files.ep) != (base.tp, base.pp, base.ep):
+            raise ConversionError(f"--lora-load {lora_load}: layout TP{files.tp} PP{files.pp} EP{files.ep} differs from "
+                                  f"--load-dir's TP{base.tp} PP{base.pp} EP{base.ep}")
+        return files
+
     def chunks(self, tp: int, pp: int, ep: int) -> list[dict[str, Any]]:
-        """A rank file's chunks under megatron-core local/TE names (MindSpeed-LLM names rewritten)."""
+        """A rank file's chunks under megatron-core local/TE names (MindSpeed-LLM names rewritten,
+        LoRA `base_layer` names restored; adapters kept aside for merging)."""
         key = (tp, pp, ep)
         if key not in self._chunks:
-            self._chunks[key] = [from_mindspeed(c, self.md, self.experts_per_rank) for c in self.files.chunks(tp, pp, ep)]
+            split = [split_adapters(from_mindspeed(c, self.md, self.experts_per_rank)) for c in self.files.chunks(tp, pp, ep)]
+            self._chunks[key] = [base for base, _ in split]
+            self._adapters[key] = [adapters for _, adapters in split]
+            if self.lora_files is not None:
+                for chunk, state in enumerate(self.lora_files.chunks(tp, pp, ep)):
+                    base, adapters = split_adapters(state)
+                    if _tensor_names(base):
+                        raise ConversionError(f"{self.lora_files.grid[key]}: --lora-load holds non-LoRA tensors "
+                                              f"({_tensor_names(base)[0]}); save it with --lora-ckpt-filter")
+                    self._adapters[key][chunk].update(adapters)
         return self._chunks[key]
+
+    def adapters(self, tp: int, pp: int, ep: int, chunk: int) -> dict[str, dict[str, torch.Tensor]]:
+        self.chunks(tp, pp, ep)
+        return self._adapters[(tp, pp, ep)][chunk]
 
     def _layer_params(self, moe: bool) -> tuple[Param, ...]:
         return layer_params(self.impl, self.md, moe, self.mindspeed)
@@ -243,6 +278,7 @@ class McoreLoader:
 
     def _check_names(self) -> None:
         """Every tensor in every file is mapped, and every mapped tensor exists."""
+        self.found_adapters = 0
         for (tp, pp, ep), path in sorted(self.files.grid.items()):
             for chunk, state in enumerate(self.chunks(tp, pp, ep)):
                 planned, present = self._planned(pp, ep, chunk), set(_tensor_names(state))
@@ -251,6 +287,16 @@ class McoreLoader:
                     raise ConversionError(f"{path}: unmapped tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
                 if planned - present:
                     raise ConversionError(f"{path}: missing tensors {sorted(planned - present)[:5]}")
+                adapters = self.adapters(tp, pp, ep, chunk)
+                stray = sorted(m for m in adapters if m + ".weight" not in planned)
+                if stray:
+                    raise ConversionError(f"{path}: LoRA adapters on unsupported modules {stray[:3]}")
+                check_options(adapters, self.lora, str(path))
+                self.found_adapters += len(adapters)
+        if self.found_adapters and self.lora.alpha is None:
+            raise ConversionError(f"the checkpoint holds {self.found_adapters} LoRA adapters: pass --lora-r and --lora-alpha to merge them")
+        if not self.found_adapters and (self.lora.alpha is not None or self.lora_files is not None):
+            raise ConversionError("LoRA options given, but the checkpoint holds no LoRA adapters")
 
     def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
                 **fmt: int) -> dict[str, torch.Tensor]:
@@ -262,7 +308,11 @@ class McoreLoader:
             name = prefix + param.name.format(**fmt)
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
-            full = gather(shards, COLUMN if param.rule == VOCAB else param.rule, name)
+            rule = COLUMN if param.rule == VOCAB else param.rule
+            full = gather(shards, rule, name)
+            module = name.removesuffix(".weight")
+            if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
+                full = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
             out.update(zip(param.keys, full if isinstance(full, tuple) else (full,)))
         return out
 
@@ -279,6 +329,13 @@ class McoreLoader:
             parts = [self._gather_expert(e, seg, prefix) for e in experts]
             stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
             queue.put({"name": P.experts_message(message), P.FIRST_EXPERT: first, **stacked})
+
+    def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
+        a, b = gather_adapter(adapter_shards, rule, module)
+        scale = self.lora.scale(a.shape[0])
+        if rule == GATED:
+            return tuple(merge(w, a, half, scale) for w, half in zip(full, b))
+        return merge(full, a, b, scale)
 
     def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         table, group, local = expert_params(self.impl, self.te_grouped), *divmod(expert, self.experts_per_rank)

@@ -1,0 +1,125 @@
+"""LoRA merging from MindSpeed-LLM-style checkpoints (adapters in the checkpoint or via --lora-load)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from ckpt_lib.families import QKV
+from ckpt_lib.sharding import COLUMN, GATED, ROW, split
+from util import convert_inprocess, make_hf_model, read_safetensors_dir
+
+R, ALPHA = 8, 16.0
+MD = argparse.Namespace(num_attention_heads=4, num_query_groups=2, kv_channels=16)
+
+
+def hf_adapters(hf: dict[str, torch.Tensor], layers: int, seed: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random LoRA per HF module; fused modules share one lora_A as MindSpeed-LLM's fused linears do."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (0.05 * torch.randn(*shape, generator=gen)).to(torch.bfloat16)
+
+    out = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        a_qkv, a_fc1 = rnd(R, 64), rnd(R, 64)
+        for m in ("q_proj", "k_proj", "v_proj"):
+            out[p + f"self_attn.{m}"] = (a_qkv, rnd(hf[p + f"self_attn.{m}.weight"].shape[0], R))
+        for m in ("gate_proj", "up_proj"):
+            out[p + f"mlp.{m}"] = (a_fc1, rnd(96, R))
+        out[p + "self_attn.o_proj"] = (rnd(R, 64), rnd(64, R))
+        out[p + "mlp.down_proj"] = (rnd(R, 96), rnd(64, R))
+    return out
+
+
+def add_adapters(mc_dir, adapters, tp: int, layers: int, lora_only_dir=None):
+    """Write MindSpeed-LLM LoRA keys into each rank file (base -> base_layer), sharded by the TP rules."""
+    files = sorted(mc_dir.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    for f in files:
+        tp_rank = int(f.parent.name[8:10])
+        ckpt = torch.load(f, weights_only=False)
+        sd = ckpt["model"]
+        lora_sd = {}
+        for i in range(layers):
+            p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+            q, k, v = (adapters[h + f"self_attn.{m}"] for m in ("q_proj", "k_proj", "v_proj"))
+            (b_qkv,) = QKV.forward((q[1], k[1], v[1]), MD)
+            gate, up = adapters[h + "mlp.gate_proj"], adapters[h + "mlp.up_proj"]
+            mods = {
+                "self_attention.linear_qkv": (q[0], split(b_qkv, COLUMN, tp)[tp_rank]),
+                "mlp.linear_fc1": (gate[0], split((gate[1], up[1]), GATED, tp)[tp_rank]),
+                "self_attention.linear_proj": (split(adapters[h + "self_attn.o_proj"][0], ROW, tp)[tp_rank], adapters[h + "self_attn.o_proj"][1]),
+                "mlp.linear_fc2": (split(adapters[h + "mlp.down_proj"][0], ROW, tp)[tp_rank], adapters[h + "mlp.down_proj"][1]),
+            }
+            for mod, (a, b) in mods.items():
+                sd[p + mod + ".base_layer.weight"] = sd.pop(p + mod + ".weight")
+                lora_sd[p + mod + ".lora_A.default.weight"] = a.clone()
+                lora_sd[p + mod + ".lora_B.default.weight"] = b.clone()
+        sd.update(lora_sd)
+        torch.save(ckpt, f)
+        if lora_only_dir is not None:
+            target = lora_only_dir / f.relative_to(mc_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({**ckpt, "model": dict(lora_sd)}, target)
+    if lora_only_dir is not None:
+        (lora_only_dir / "latest_checkpointed_iteration.txt").write_text((mc_dir / "latest_checkpointed_iteration.txt").read_text())
+
+
+def reference_merge(hf, adapters):
+    scale = ALPHA / R
+    out = dict(hf)
+    for module, (a, b) in adapters.items():
+        w = hf[module + ".weight"]
+        out[module + ".weight"] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    make_hf_model("llama", root / "hf", dtype=torch.bfloat16)
+    hf = read_safetensors_dir(root / "hf")
+    return root, hf, hf_adapters(hf, 4)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_merge_in_checkpoint_and_from_lora_load_are_exact(tmp_path, base, tp):
+    root, hf, adapters = base
+    for name in ("with_lora", "base_only"):
+        convert_inprocess("hf", "core_ext", root / "hf", tmp_path / name, "--target-tensor-parallel-size", str(tp),
+                          "--saver-transformer-impl", "local")
+    add_adapters(tmp_path / "with_lora", adapters, tp, 4, lora_only_dir=tmp_path / "lora_only")
+    lora = ["--lora-r", str(R), "--lora-alpha", str(ALPHA), "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    convert_inprocess("core_ext", "hf", tmp_path / "with_lora", tmp_path / "merged", *lora)
+    convert_inprocess("core_ext", "hf", tmp_path / "base_only", tmp_path / "merged2", "--lora-load", str(tmp_path / "lora_only"), *lora)
+    expected = reference_merge(hf, adapters)
+    for out in ("merged", "merged2"):
+        got = read_safetensors_dir(tmp_path / out)
+        assert sorted(got) == sorted(expected)
+        for name, t in expected.items():
+            assert got[name].dtype == torch.bfloat16, name  # no fp16 detour, base dtype kept
+            assert torch.equal(got[name], t), name
+    # merging into mcore at another layout gives the same weights
+    convert_inprocess("core_ext", "core_ext", tmp_path / "with_lora", tmp_path / "merged_mc", *lora,
+                      "--target-tensor-parallel-size", str(3 - tp), "--saver-transformer-impl", "local")
+    convert_inprocess("core_ext", "hf", tmp_path / "merged_mc", tmp_path / "merged3")
+    got = read_safetensors_dir(tmp_path / "merged3")
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora-r", "4", "--lora-alpha", "16"], "LoRA rank 8 but --lora-r is 4"),
+    (["--lora-r", "8", "--lora-alpha", "16", "--lora-target-modules", "linear_qkv"], "not in --lora-target-modules"),
+    ([], "pass --lora-r and --lora-alpha"),
+])
+def test_wrong_lora_options_fail(tmp_path, base, flags, message, capsys):
+    root, _, adapters = base
+    convert_inprocess("hf", "core_ext", root / "hf", tmp_path / "mc", "--saver-transformer-impl", "local")
+    add_adapters(tmp_path / "mc", adapters, 1, 4)
+    with pytest.raises(SystemExit):
+        convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "out", *flags)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
