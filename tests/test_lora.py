@@ -123,3 +123,43 @@ def test_wrong_lora_options_fail(tmp_path, base, flags, message, capsys):
         convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "out", *flags)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_peft_export_matches_merge(tmp_path, tp):
+    """The exported PEFT adapter loads without missing keys; PEFT's merge equals ours bit for bit
+    (fp32 base, where PEFT merges without an intermediate rounding); unmerged logits match."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    make_hf_model("llama", tmp_path / "hf")
+    hf = read_safetensors_dir(tmp_path / "hf")
+    adapters = {k: (a.float(), b.float()) for k, (a, b) in hf_adapters(hf, 4).items()}
+    convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc", "--target-tensor-parallel-size", str(tp),
+                      "--saver-transformer-impl", "local")
+    add_adapters(tmp_path / "mc", adapters, tp, 4, lora_only_dir=tmp_path / "lora_only")
+    lora = ["--lora-r", str(R), "--lora-alpha", str(ALPHA)]
+    convert_inprocess("core_ext", "hf", tmp_path / "lora_only", tmp_path / "peft", "--save-lora-to-hf", *lora,
+                      "--hf-config-dir", str(tmp_path / "hf"))
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "merged", *lora)
+    exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert len(exported) == 2 * 7 * 4
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = peft_model(tokens).logits
+    merged_model = peft_model.merge_and_unload()
+    ours = read_safetensors_dir(tmp_path / "merged")
+    for name, t in merged_model.state_dict().items():
+        assert torch.equal(t, ours[name]), name
+    with torch.no_grad():
+        merged_logits = merged_model(tokens).logits
+    assert (unmerged - merged_logits).abs().max() < 1e-4

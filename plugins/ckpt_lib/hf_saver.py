@@ -13,8 +13,9 @@ import torch
 from . import protocol as P
 from .errors import ConversionError
 from .families import Section, deepseek, dense, experts_from_protocol, from_protocol
+from .lora import LORA_A, LORA_B
 from .runtime import Summary, progress
-from .safetensors_io import ShardedWriter, parse_size
+from .safetensors_io import ShardedWriter, parse_size, write_file
 from .staging import StagedDir, check_target
 
 # Files copied from --hf-config-dir besides config.json (tokenizer and generation settings).
@@ -67,12 +68,61 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
     return cfg
 
 
+def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argparse.Namespace) -> None:
+    """A PEFT adapter directory: fused adapters split per HF projection through the family table
+    (lora_B runs the base weight's inverse op, e.g. q/k/v de-interleaving; lora_A is shared)."""
+    lora = md.lora_export
+    if getattr(md, "multi_latent_attention", False):
+        raise ConversionError("--save-lora-to-hf supports dense GPT models in this release")
+    summary = Summary("saver_hf (PEFT adapter)")
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    rank = None
+    for layer in range(md.num_layers):
+        msg = reader.get(P.layer_message(layer))
+        prefix = dense.LAYER.prefix.format(layer=layer)
+        for rel in dense.LAYER.active(md):
+            if f"{rel.keys[0]} {LORA_B}" not in msg:
+                continue
+            a_parts = [P.take(msg, f"{k} {LORA_A}") for k in rel.keys]
+            b_parts = rel.op.backward(tuple(P.take(msg, f"{k} {LORA_B}") for k in rel.keys), md)
+            rank = a_parts[0].shape[0]
+            for source, b in zip(rel.source, b_parts):
+                module = "base_model.model." + prefix + source.removesuffix(".weight")
+                tensors[f"{module}.lora_A.weight"] = a_parts[0]
+                tensors[f"{module}.lora_B.weight"] = b
+                targets.add(source.removesuffix(".weight").rsplit(".", 1)[-1])
+        reader.finish(msg)
+    end = reader.get_raw()
+    if end != P.DONE:
+        raise ConversionError(f"unexpected message '{end.get('name') if isinstance(end, dict) else end}'")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": lora["alpha"] if lora["alpha"] is not None else rank,
+        "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": bool(lora["rslora"]), "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": args.hf_config_dir,
+    }
+    staged = StagedDir(args.save_dir, args.overwrite)
+    try:
+        summary.add_file(write_file(staged.path / "adapter_model.safetensors", tensors))
+        (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        target = staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    summary.notes.append(f"{len(tensors) // 2} adapted modules, r={rank}, targets {sorted(targets)}")
+    summary.print(target)
+
+
 def save(queue: Any, args: argparse.Namespace) -> None:
     reader = P.MessageReader(queue, getattr(args, "checking", True))
     md = reader.get_raw()
     if not isinstance(md, argparse.Namespace):
         raise ConversionError("the first message must be the metadata Namespace")
     md = P.normalize_metadata(md)
+    if getattr(md, "lora_export", None):
+        check_target(args.save_dir, args.overwrite)
+        return save_adapters(reader, md, args)
     md.learned_absolute = md.position_embedding_type == "learned_absolute"
     if md.learned_absolute:
         raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")

@@ -22,6 +22,7 @@ import torch
 from .errors import ConversionError
 from .sharding import COLUMN, GATED, ROW, gather
 
+LORA_A, LORA_B = "lora A", "lora B"  # protocol key suffixes when adapters travel unmerged
 ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.default\.weight$")
 BASE = ".base_layer."
 

@@ -17,7 +17,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .lora import LoraOptions, check_options, gather_adapter, merge, split_adapters
+from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters
 from .mcore_names import (
     EMBEDDING_PARAMS,
     FINAL_NORM_PARAMS,
@@ -61,6 +61,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lora-target-modules", nargs="+", default=None,
                        help="LoRA target modules, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)")
     group.add_argument("--lora-use-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
+    group.add_argument("--save-lora-to-hf", action="store_true",
+                       help="Export the LoRA adapters alone as a PEFT adapter directory (with saver hf)")
 
 
 class RankFiles:
@@ -192,11 +194,12 @@ class McoreLoader:
         self._adapters: dict[tuple[int, int, int], list[dict[str, dict[str, torch.Tensor]]]] = {}
         self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
         self.lora_files = self._lora_files(args.lora_load, f)
+        self.export = bool(getattr(args, "save_lora_to_hf", False))
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
         self.layout = detect_layout(f, first["args"])
         word = f.chunks(0, 0)[0].get("embedding.word_embeddings.weight")
-        if word is None:
+        if word is None and not self.export:
             raise ConversionError(f"{f.grid[(0, 0, 0)]}: no embedding.word_embeddings.weight")
         self.md = md = metadata_from_args(first["args"], f, self.iteration, word, args.true_vocab_size)
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
@@ -285,14 +288,18 @@ class McoreLoader:
                 if present - planned:
                     extra = sorted(present - planned)
                     raise ConversionError(f"{path}: unmapped tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-                if planned - present:
+                if planned - present and not (self.export and not present):
                     raise ConversionError(f"{path}: missing tensors {sorted(planned - present)[:5]}")
                 adapters = self.adapters(tp, pp, ep, chunk)
+                if self.export and any(".experts." in m for m in adapters):
+                    raise ConversionError(f"{path}: exporting routed-expert LoRA adapters to PEFT is not supported")
                 stray = sorted(m for m in adapters if m + ".weight" not in planned)
                 if stray:
                     raise ConversionError(f"{path}: LoRA adapters on unsupported modules {stray[:3]}")
                 check_options(adapters, self.lora, str(path))
                 self.found_adapters += len(adapters)
+        if self.export and not self.found_adapters:
+            raise ConversionError("--save-lora-to-hf: the checkpoint holds no LoRA adapters")
         if self.found_adapters and self.lora.alpha is None:
             raise ConversionError(f"the checkpoint holds {self.found_adapters} LoRA adapters: pass --lora-r and --lora-alpha to merge them")
         if not self.found_adapters and (self.lora.alpha is not None or self.lora_files is not None):
@@ -344,7 +351,33 @@ class McoreLoader:
             return self._gather(table, seg, prefix, ep, tp, expert=local)
         return self._gather(table, seg, prefix, group, expert=local)
 
+    def _gather_adapters(self, params: Iterable[Param], seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
+        """Protocol keys '<key> lora A' / '<key> lora B' of the adapted parameters (TP-gathered)."""
+        out: dict[str, torch.Tensor] = {}
+        for param in params:
+            module = (prefix + param.name).removesuffix(".weight")
+            if not param.applies(self.md) or module not in self.adapters(0, seg.pp_rank, 0, seg.chunk):
+                continue
+            shards = [self.adapters(tp, seg.pp_rank, 0, seg.chunk)[module] for tp in range(self.files.tp)]
+            a, b = gather_adapter(shards, param.rule, module)
+            for key, part in zip(param.keys, b if isinstance(b, tuple) else (b,)):
+                out[f"{key} {LORA_A}"], out[f"{key} {LORA_B}"] = a, part
+        return out
+
+    def send_adapters(self, queue: Any) -> None:
+        """--save-lora-to-hf: metadata with the LoRA settings, then each layer's adapters."""
+        md = self.md
+        md.lora_export = {"r": self.lora.rank, "alpha": self.lora.alpha, "rslora": self.lora.rslora}
+        queue.put(md)
+        for layer in range(md.num_layers):
+            seg, local = self.layout.locate_real(layer)
+            msg = self._gather_adapters(self._layer_params(P.is_moe_layer(md, layer)), seg, LAYER_PREFIX.format(layer=local))
+            queue.put({"name": P.layer_message(layer), **msg})
+        queue.put(P.DONE)
+
     def send(self, queue: Any) -> None:
+        if self.export:
+            return self.send_adapters(queue)
         md = self.md
         queue.put(md)
         queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, self.layout.first_segment())})
