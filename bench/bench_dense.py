@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 from ckpt_lib.safetensors_io import write_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dir_bytes, raw_floor, run_measured  # noqa: E402
+from common import dir_bytes, print_memory, raw_floor, run_measured  # noqa: E402
 
 
 def make_model(directory: Path, size_gb: float) -> dict:
@@ -97,9 +97,7 @@ def main() -> None:
     print(f"output bytes     {out_bytes / 1e9:8.3f} GB")
     print(f"wall time        {wall:8.2f} s   ({in_bytes / wall / 1e9:.2f} GB/s of input)")
     print(f"raw I/O floor    {floor:8.2f} s   (read input + write output, same run, warm cache)")
-    print(f"peak RSS (tree)  {peak / 1e9:8.3f} GB")
-    print(f"largest stage    {stage_bytes / 1e9:8.3f} GB   (budget: stage + 1 GB = {(stage_bytes + 1e9) / 1e9:.3f} GB)")
-    print(f"within budget    {peak <= stage_bytes + 1e9}")
+    print_memory(peak, stage_bytes, 1e9)
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -18,14 +18,18 @@ REPLICATED, COLUMN, ROW, GATED = "replicated", "column", "row", "gated"
 
 
 def owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor that owns exactly its bytes.
+    """A contiguous tensor whose storage is exactly its bytes.
 
-    torch.save writes a view's whole storage, so slices must be copied before saving; tensors that
-    already own their storage are passed through without a copy.
+    torch.save writes a view's whole storage. A contiguous slice (a dim-0 shard) gets a storage of
+    its own that aliases the same memory (no copy); only non-contiguous slices (dim-1 shards) are
+    copied.
     """
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if not t.is_contiguous():
+        return t.contiguous()
+    if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
         return t
-    return t.contiguous() if not t.is_contiguous() else t.clone()
+    flat = t.reshape(-1).view(torch.uint8).numpy()  # shares memory; keeps `t` alive
+    return torch.frombuffer(memoryview(flat), dtype=torch.uint8).view(t.dtype).reshape(t.shape)
 
 
 def _check_divisible(size: int, tp: int, what: str) -> None:
