@@ -63,7 +63,7 @@ def make_model(directory: Path, size_gb: float) -> dict:
     s = SHAPE
     h, f, e = s["hidden_size"], s["moe_intermediate_size"], s["n_routed_experts"]
     moe_bytes = 2 * 3 * (e + 1) * f * h
-    layers = max(4, round((size_gb * 1e9 - 4 * s["vocab_size"] * h) / moe_bytes / 4) * 4 - 1)  # + 1 MTP layer
+    layers = max(4, 2 * round((size_gb * 1e9 - 4 * s["vocab_size"] * h) / moe_bytes / 2) - 2)  # + 1 MTP layer
     cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **s, "num_hidden_layers": layers,
            "num_key_value_heads": s["num_attention_heads"], "first_k_dense_replace": 1, "num_experts_per_tok": 8,
            "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
