@@ -1,0 +1,164 @@
+"""Load a converted legacy checkpoint into real megatron-core 0.16.1 GPTModels on CPU and run it.
+
+One process per rank (gloo), each building the GPTModel(s) of its rank from the checkpoint's
+`args`, loading its file with `strict=True` and running a forward in fp32; pipeline stages pass
+hidden states with send/recv in layer order (VPP chunks included), and the last stage returns the
+full-vocabulary logits (`parallel_output=False`).
+
+CPU patches, applied in the worker processes only (the models are the real megatron-core
+classes): `torch.cuda.current_device` yields the CPU, `Tensor.cuda` is a no-op (tied embeddings
+under PP call it), the CUDA RNG tracker is a no-op (dropout is 0), and the causal mask is passed
+explicitly (the default helper allocates on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_args(ckpt_dir: Path) -> tuple[argparse.Namespace, Path]:
+    text = (ckpt_dir / TRACKER).read_text().strip()
+    it_dir = ckpt_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
+    first = sorted(it_dir.glob("mp_rank_*/model_optim_rng.pt"))[0]
+    return torch.load(first, map_location="cpu", weights_only=False)["args"], it_dir
+
+
+def stage_layout(args: argparse.Namespace) -> list[list[int]]:
+    """Layers per (virtual) stage in megatron's stage order v * PP + p."""
+    pp, n = args.pipeline_model_parallel_size, args.num_layers
+    if getattr(args, "num_layer_list", None):
+        return [[int(c)] for c in args.num_layer_list.split(",")]
+    per_chunk = getattr(args, "num_layers_per_virtual_pipeline_stage", None) or n // pp
+    return [[per_chunk] for _ in range(n // per_chunk)]
+
+
+class _CpuRngTracker:
+    """Stands in for megatron's CUDA RNG tracker; dropout is 0 in these forwards."""
+
+    def fork(self, *args: Any, **kwargs: Any) -> Any:
+        return contextlib.nullcontext()
+
+
+def _patch_cpu() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tracker = _CpuRngTracker()
+    tensor_parallel.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker = lambda *a, **k: tracker
+
+
+def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu, add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size, pipeline_model_parallel_layout=layout,
+        params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        pipeline_dtype=torch.float32,
+    )
+
+
+def _layout_list(args: argparse.Namespace) -> list[list[str]]:
+    stages = stage_layout(args)
+    out = [["decoder"] * c for (c,) in stages]
+    out[0].insert(0, "embedding")
+    out[-1].append("loss")
+    return out
+
+
+def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tensor, out_file: str) -> None:
+    _patch_cpu()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    args, it_dir = read_args(Path(ckpt_dir))
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    stages = stage_layout(args)
+    chunks = len(stages) // pp
+    ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    config = _config(args, _layout_list(args))
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    ckpt = torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+    models = []
+    for v in range(chunks):
+        stage = v * pp + pp_rank
+        model = GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                         pre_process=stage == 0, post_process=stage == len(stages) - 1,
+                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                         position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
+                         vp_stage=v if chunks > 1 else None)
+        state = ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{name} chunk {v}: strict load failed: missing {missing} unexpected {result.unexpected_keys}")
+        models.append(model.eval())
+
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s).expand(b, 1, s, s)
+    hidden_shape = (s, b, args.hidden_size)
+    with torch.no_grad():
+        for stage in range(len(stages)):
+            owner, v = stage % pp, stage // pp
+            if owner != pp_rank:
+                continue
+            model = models[v]
+            if stage > 0:
+                hidden = torch.empty(hidden_shape)
+                torch.distributed.recv(hidden, src=_global_rank(tp_rank, (stage - 1) % pp, tp))
+                model.set_input_tensor(hidden)
+            out = model(tokens, position_ids, mask)
+            if stage < len(stages) - 1:
+                torch.distributed.send(out.contiguous(), dst=_global_rank(tp_rank, (stage + 1) % pp, tp))
+            elif tp_rank == 0:
+                torch.save(out.float(), out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _global_rank(tp_rank: int, pp_rank: int, tp: int) -> int:
+    return pp_rank * tp + tp_rank
+
+
+def mcore_logits(ckpt_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [batch, seq, padded_vocab] of the checkpoint run by megatron-core on CPU."""
+    ckpt_dir = Path(ckpt_dir)
+    args, _ = read_args(ckpt_dir)
+    world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "logits.pt")
+        mp.start_processes(_worker, args=(world, _free_port(), str(ckpt_dir), tokens, out_file), nprocs=world,
+                           join=True, start_method="spawn")
+        return torch.load(out_file)
