@@ -18,6 +18,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def _layout_list(args: argparse.Namespace) -> list[list[str]]:
 
 
 def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tensor, out_file: str) -> None:
+    warnings.filterwarnings("ignore")  # megatron-core warns about Apex/TE being absent, per module
     _patch_cpu()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
