@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue-size", type=int, default=50, help="Maximum number of tensors in the queue")
     parser.add_argument("--no-checking", action="store_false", dest="checking",
                         help="Do not perform checking on the name and ordering of weights")
+    parser.add_argument("--verify", action="store_true",
+                        help="After converting, compare every weight of the output with the input (see verify.py)")
     return parser
 
 
@@ -131,7 +133,19 @@ def main() -> int:
     saver_proc.join()
     if saver_proc.exitcode:
         status = status or 1
+    if status == 0 and args.verify:
+        status = run_verify(names["loader"], args)
     return status
+
+
+def run_verify(loader: str, args: argparse.Namespace) -> int:
+    """Re-read the input with the same loader options and the output with its own loader."""
+    from ckpt_lib import verify
+
+    options = argparse.Namespace(source=Path(args.load_dir), converted=Path(args.save_dir), source_loader=loader,
+                                 converted_loader=None, source_args="", converted_args="", atol=0.0)
+    print("Verifying...", flush=True)
+    return 0 if verify.run(options, source_args=args) else 1
 
 
 if __name__ == "__main__":

@@ -51,3 +51,18 @@ def test_verify_deepseek_with_mtp(tmp_path):
                       "--moe-grouped-gemm", "--target-expert-parallel-size", "2", "--target-tensor-parallel-size", "2")
     ok = run_verify("--source", tmp_path / "hf", "--converted", tmp_path / "mc", "--source-args", "--mtp-num-layers 1")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_convert_with_verify_flag_and_manifest(tmp_path):
+    from util import convert_cli
+
+    make_hf_model("llama", tmp_path / "hf")
+    result = convert_cli("--loader", "hf", "--saver", "core_ext", "--load-dir", str(tmp_path / "hf"), "--save-dir",
+                         str(tmp_path / "mc"), "--target-tensor-parallel-size", "2", "--params-dtype", "bf16",
+                         "--saver-transformer-impl", "local", "--verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout and "agrees with every file" in result.stdout
+    f = next((tmp_path / "mc").glob("*/mp_rank_01/model_optim_rng.pt"))
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")  # corrupt bytes at the end of one file
+    bad = run_verify("--source", tmp_path / "hf", "--converted", tmp_path / "mc")
+    assert bad.returncode != 0 and "checksum differs" in bad.stdout

@@ -14,6 +14,7 @@ from . import protocol as P
 from .errors import ConversionError
 from .families import Section, deepseek, dense, experts_from_protocol, from_protocol
 from .lora import LORA_A, LORA_B
+from .manifest import Manifest
 from .runtime import Summary, progress
 from .safetensors_io import ShardedWriter, parse_size, write_file
 from .staging import StagedDir, check_target
@@ -106,6 +107,9 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     try:
         summary.add_file(write_file(staged.path / "adapter_model.safetensors", tensors))
         (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        manifest = Manifest()
+        manifest.record("adapter_model.safetensors", tensors)
+        manifest.write(staged.path)
         target = staged.commit()
     except BaseException:
         staged.discard()
@@ -179,8 +183,10 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         end = reader.get_raw()
         if end != P.DONE:
             raise ConversionError(f"unsupported message '{end.get('name') if isinstance(end, dict) else end}'")
-        for path in writer.close():
+        manifest = Manifest()
+        for path, tensors in writer.close().items():
             summary.add_file(path.stat().st_size)
+            manifest.record(path.name, tensors)
         cfg["vocab_size"] = vocab
         (staged.path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if args.hf_config_dir:
@@ -188,6 +194,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
                 src = Path(args.hf_config_dir) / name
                 if src.is_file():
                     shutil.copy2(src, staged.path / name)
+        manifest.write(staged.path)
         target = staged.commit()
     except BaseException:
         staged.discard()

@@ -15,6 +15,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
+from .manifest import Manifest
 from .mcore_names import (
     EMBEDDING_PARAMS,
     FINAL_NORM_PARAMS,
@@ -105,6 +106,7 @@ class McoreSaver:
         self.copies: list[str] = []
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
+        self.manifest = Manifest()
 
     def _check_divisibility(self) -> None:
         md, tp = self.md, self.tp
@@ -229,6 +231,9 @@ class McoreSaver:
                     chunks = [group_experts(c) for c in chunks]
                 path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
                 self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
+                prefixes = ["model/"] if len(chunks) == 1 else [f"model{i}/" for i in range(len(chunks))]
+                self.manifest.record(str(path.relative_to(root.parent)),
+                                     {p + n: t for p, c in zip(prefixes, chunks) for n, t in c.items()})
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
         md, first, last = self.md, self.first, self.last
@@ -288,6 +293,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         root = staged.path / iteration_dir_name(iteration)
         saver.receive(reader, root)
         write_tracker(staged.path, iteration)
+        saver.manifest.write(staged.path)
         target = staged.commit()
     except BaseException:
         staged.discard()

@@ -183,7 +183,7 @@ class ShardedWriter:
         self.max_shard_bytes = max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
+        self.shards: list[tuple[Path, dict[str, torch.Tensor]]] = []
         self.total_bytes = 0
         self.bytes_written = 0
 
@@ -196,22 +196,23 @@ class ShardedWriter:
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self.shards):05d}.tmp"
         self.bytes_written += write_file(path, self.pending)
-        self.shards.append((path, list(self.pending)))
+        self.shards.append((path, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in self.pending.items()}))
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> list[Path]:
-        """Name the shards like `save_pretrained` and write the index when there are several."""
+    def close(self) -> dict[Path, dict[str, torch.Tensor]]:
+        """Name the shards like `save_pretrained`, write the index when there are several; returns
+        each shard's path with its tensors (as meta tensors, for the manifest)."""
         if self.pending or not self.shards:
             self._flush()
         count = len(self.shards)
-        final: list[Path] = []
+        final: dict[Path, dict[str, torch.Tensor]] = {}
         weight_map: dict[str, str] = {}
-        for i, (tmp, names) in enumerate(self.shards):
+        for i, (tmp, tensors) in enumerate(self.shards):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.replace(tmp, self.directory / name)
-            final.append(self.directory / name)
-            weight_map.update(dict.fromkeys(names, name))
+            final[self.directory / name] = tensors
+            weight_map.update(dict.fromkeys(tensors, name))
         if count > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

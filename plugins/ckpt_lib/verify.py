@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import manifest
 from . import protocol as P
 from .errors import ConversionError
 
@@ -40,13 +41,14 @@ def detect_loader(directory: Path) -> str:
 class Stream:
     """A loader running in a thread, its messages available one at a time."""
 
-    def __init__(self, loader: str, directory: Path, extra: list[str]) -> None:
+    def __init__(self, loader: str, directory: Path, extra: list[str], args: argparse.Namespace | None = None) -> None:
         module = importlib.import_module(f"loader_{loader}")
-        parser = argparse.ArgumentParser(conflict_handler="resolve", allow_abbrev=False)
-        parser.add_argument("--load-dir")
-        module.add_arguments(parser)
-        self.args = parser.parse_args(["--load-dir", str(directory), *extra])
-        self.args.save_dir, self.args.checking = None, True
+        if args is None:
+            parser = argparse.ArgumentParser(conflict_handler="resolve", allow_abbrev=False)
+            parser.add_argument("--load-dir")
+            module.add_arguments(parser)
+            args = parser.parse_args(["--load-dir", str(directory), *extra])
+        self.args = argparse.Namespace(**{**vars(args), "load_dir": str(directory), "save_dir": None, "checking": True})
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, args=(module,), daemon=True)
@@ -106,14 +108,16 @@ def compare(source: Stream, converted: Stream, atol: float, report: Any = print)
                 report(f"FAIL {name} / {key}: shape {list(x.shape)} vs {list(y.shape)}")
                 ok = False
                 continue
+            dtype_note = "" if x.dtype == y.dtype else f" (dtype {x.dtype} vs {y.dtype}; source rounded to {y.dtype})"
+            if x.dtype != y.dtype and x.is_floating_point() and y.is_floating_point():
+                x = x.to(y.dtype)  # a conversion's --params-dtype rounds once; compare against that
             diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
             worst = max(worst, diff)
-            dtype_note = "" if x.dtype == y.dtype else f" (dtype {x.dtype} vs {y.dtype})"
             if diff > atol:
                 report(f"FAIL {name} / {key}: max abs diff {diff:.3e}{dtype_note}")
                 ok = False
-            elif dtype_note:
-                report(f"note {name} / {key}: max abs diff {diff:.3e}{dtype_note}")
+            elif dtype_note and tensors == 1:
+                report(f"note: dtypes differ{dtype_note}")
     report(f"{'PASS' if ok else 'FAIL'}: {tensors} tensors compared, max abs diff {worst:.3e} (tolerance {atol:g})")
     return ok
 
@@ -128,10 +132,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=0.0, help="Largest accepted abs difference (default 0: bit-exact)")
 
 
-def run(args: argparse.Namespace) -> bool:
-    source = Stream(args.source_loader or detect_loader(args.source), args.source, args.source_args.split())
+def check_manifest(directory: Path, report: Any = print) -> bool:
+    """Re-check the converted directory's manifest: every file present with its checksum."""
+    if not (directory / manifest.NAME).exists():
+        report(f"note: {directory} has no {manifest.NAME}; checksums not checked")
+        return True
+    problems = manifest.check(directory)
+    for problem in problems:
+        report(f"FAIL manifest: {problem}")
+    if not problems:
+        report(f"manifest: {directory / manifest.NAME} agrees with every file")
+    return not problems
+
+
+def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None) -> bool:
+    """Manifest check, then the stream comparison. `source_args` reuses a conversion's own
+    parsed loader options for the source side (convert.py --verify)."""
+    manifest_ok = check_manifest(args.converted)
+    source = Stream(args.source_loader or detect_loader(args.source), args.source, args.source_args.split(), source_args)
     converted = Stream(args.converted_loader or detect_loader(args.converted), args.converted, args.converted_args.split())
-    ok = compare(source, converted, args.atol)
+    ok = compare(source, converted, args.atol) and manifest_ok
     for stream in (source, converted):  # drain so both loader threads finish before exit
         while stream.thread.is_alive():
             try:

@@ -1,0 +1,85 @@
+"""The manifest written with every output: what each file holds, its checksum, how it was made.
+
+`conversion_manifest.json` lists every file (bytes, sha256), every tensor (name, shape, dtype) per
+file and chunk, the command line and the library versions. `verify.py` re-checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import ConversionError
+
+NAME = "conversion_manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+class Manifest:
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def record(self, relpath: str, tensors: dict[str, Any]) -> None:
+        self.tensors[relpath] = describe(tensors)
+
+    def write(self, root: Path) -> None:
+        """Checksum every file under `root` (the staged output) and write the manifest beside them."""
+        files = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                 for p in sorted(root.rglob("*")) if p.is_file() and p.name != NAME}
+        try:
+            import safetensors
+
+            st_version = safetensors.__version__
+        except ImportError:  # safetensors is optional for the torch-format savers
+            st_version = None
+        doc = {
+            "format": "ckpt-manifest/1",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": sys.argv,
+            "versions": {"ckpt_lib": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                         "safetensors": st_version},
+            "files": files,
+            "tensors": self.tensors,
+        }
+        (root / NAME).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def check(root: Path) -> list[str]:
+    """Problems found re-checking a directory against its manifest (empty when it agrees)."""
+    path = root / NAME
+    if not path.exists():
+        return [f"{root}: no {NAME}"]
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid manifest ({e})") from None
+    problems = []
+    for rel, info in doc["files"].items():
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel}: listed in the manifest but missing")
+        elif f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
+            problems.append(f"{rel}: checksum differs from the manifest")
+    extra = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != NAME} - set(doc["files"])
+    problems += [f"{rel}: not listed in the manifest" for rel in sorted(extra)]
+    return problems
