@@ -35,11 +35,9 @@ def make_hf_model(family: str, directory: Path, num_layers: int = 4, dtype: torc
 
     spec = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, spec["cfg"])(
-        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=num_layers, vocab_size=100, max_position_embeddings=128, rms_norm_eps=1e-6,
-        **{**spec["extra"], **overrides},
-    )
+    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=num_layers, vocab_size=100, max_position_embeddings=128, rms_norm_eps=1e-6)
+    cfg = getattr(transformers, spec["cfg"])(**{**base, **spec["extra"], **overrides})
     model = getattr(transformers, spec["cls"])(cfg).to(dtype).eval()
     with torch.no_grad():  # random norms, so a swapped norm would show in the logits
         for name, p in model.named_parameters():

@@ -6,12 +6,24 @@ an existing non-empty directory needs `--overwrite`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import ConversionError
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def check_target(save_dir: str | Path, overwrite: bool) -> Path:
@@ -33,13 +45,16 @@ class StagedDir:
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
 
     def commit(self) -> Path:
-        """Move the staged directory into place, replacing an old one only now."""
-        old = None
-        if self.target.exists():
+        """Move the staged directory into place. An existing target is swapped with it in one atomic
+        `renameat2(RENAME_EXCHANGE)`, so a kill at any point leaves the old or the new checkpoint."""
+        if not self.target.exists():
+            os.replace(self.path, self.target)
+        elif _exchange(self.path, self.target):
+            shutil.rmtree(self.path, ignore_errors=True)  # now holds the old checkpoint
+        else:  # no renameat2 (not Linux/glibc): two renames, the old one kept aside until the end
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             os.replace(self.target, old)
-        os.replace(self.path, self.target)
-        if old is not None:
+            os.replace(self.path, self.target)
             shutil.rmtree(old, ignore_errors=True)
         return self.target
 

@@ -1,0 +1,46 @@
+"""Fault tolerance: a conversion killed (SIGKILL) at random points leaves no output or a complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from ckpt_lib import manifest
+from util import ROOT, make_hf_model
+
+
+def start(hf, out, *extra):
+    cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--loader", "hf", "--saver", "core_ext",
+           "--load-dir", str(hf), "--save-dir", str(out), "--target-tensor-parallel-size", "2",
+           "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_sigkill_leaves_nothing_or_a_complete_checkpoint(tmp_path):
+    make_hf_model("llama", tmp_path / "hf", num_layers=8, hidden_size=256, intermediate_size=512)
+    out = tmp_path / "out"
+    rng = random.Random(0)
+    outcomes = set()
+    for attempt in range(8):
+        previous = None
+        if out.exists():
+            previous = json.loads((out / manifest.NAME).read_text())["created"]
+        proc = start(tmp_path / "hf", out, "--overwrite")
+        time.sleep(0.5 if attempt == 0 else rng.uniform(0.3, 5.0))  # the first lands before any output
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not out.exists():
+            outcomes.add("absent")
+            continue
+        assert manifest.check(out) == [], f"attempt {attempt}: incomplete checkpoint"
+        created = json.loads((out / manifest.NAME).read_text())["created"]
+        outcomes.add("old" if created == previous else "complete")
+    finished = start(tmp_path / "hf", out, "--overwrite")
+    assert finished.wait(timeout=120) == 0
+    assert manifest.check(out) == []
+    assert "absent" in outcomes and outcomes & {"old", "complete"}, outcomes
