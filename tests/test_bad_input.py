@@ -118,3 +118,118 @@ def test_success_prints_summary(tmp_path, hf_dir):
     result = to_mcore(hf_dir, tmp_path / "out", "--target-tensor-parallel-size", "2")
     assert result.returncode == 0, result.stderr
     assert "saver_core_ext: wrote 2 files" in result.stdout
+
+
+def test_nan_warns_and_strict_fails(tmp_path, hf_dir):
+    def poison(t):
+        t["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    src = copy_model(hf_dir, tmp_path / "src", poison)
+    warned = to_mcore(src, tmp_path / "out")
+    assert warned.returncode == 0 and "warning:" in warned.stderr and "NaN/Inf" in warned.stderr
+    strict = to_mcore(src, tmp_path / "out2", "--strict")
+    assert_clean_failure(strict, "NaN/Inf", "mlp l0 weight V", save_dir=tmp_path / "out2")
+
+
+def test_header_lying_about_sizes(tmp_path, hf_dir):
+    import struct
+
+    src = copy_model(hf_dir, tmp_path / "src")
+    data = bytearray((src / "model.safetensors").read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = "model.layers.0.mlp.up_proj.weight"
+    header[name]["shape"] = [96, 65]  # claims more bytes than its offsets hold
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+    assert len(raw) == n
+    (src / "model.safetensors").write_bytes(bytes(data[:8]) + raw + bytes(data[8 + n:]))
+    assert_clean_failure(to_mcore(src, tmp_path / "out"), name, "does not match its shape", save_dir=tmp_path / "out")
+
+
+def sharded_copy(src, dst):
+    """Split an HF model into two shards with an index."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    half = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in half.items():
+        save_file({k: tensors[k] for k in keys}, dst / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in half.items() for k in keys}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst, tensors
+
+
+def test_missing_shard_listed_in_index(tmp_path, hf_dir):
+    src, _ = sharded_copy(hf_dir, tmp_path / "src")
+    (src / "model-00002-of-00002.safetensors").unlink()
+    assert_clean_failure(to_mcore(src, tmp_path / "out"), "model-00002-of-00002.safetensors", "missing", save_dir=tmp_path / "out")
+
+
+def test_duplicate_tensor_across_shards(tmp_path, hf_dir):
+    src, tensors = sharded_copy(hf_dir, tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(k for k, v in index["weight_map"].items() if v.startswith("model-00001"))
+    second = {k: tensors[k] for k, v in index["weight_map"].items() if v.startswith("model-00002")}
+    save_file({**second, first: tensors[first]}, src / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(to_mcore(src, tmp_path / "out"), first, "appears in both", save_dir=tmp_path / "out")
+
+
+def test_wrong_dtype(tmp_path, hf_dir):
+    def to_int(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int32)
+    src = copy_model(hf_dir, tmp_path / "src", to_int)
+    result = to_mcore(src, tmp_path / "out")
+    assert_clean_failure(result, "model.norm.weight", "dtype", save_dir=tmp_path / "out")
+
+
+def test_pickle_that_is_not_a_checkpoint_is_refused(tmp_path, hf_dir):
+    ok = to_mcore(hf_dir, tmp_path / "mc")
+    assert ok.returncode == 0
+    f = next((tmp_path / "mc").glob("*/mp_rank_00/model_optim_rng.pt"))
+    ckpt = torch.load(f, weights_only=False)
+    ckpt["payload"] = subprocess_marker()
+    torch.save(ckpt, f)
+    result = convert_cli("--loader", "core_ext", "--saver", "hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out"))
+    assert_clean_failure(result, "refusing to unpickle", save_dir=tmp_path / "out")
+
+
+class Marker:
+    """A class a plain checkpoint never contains; unpickling it would run code from this module."""
+
+
+def subprocess_marker():
+    return Marker()
+
+
+def test_fuzzed_headers_fail_cleanly(tmp_path, hf_dir):
+    """Random byte flips in the safetensors header: either a clean ConversionError or a valid read."""
+    import argparse
+    import random
+    import struct
+    import time
+
+    from ckpt_lib import hf_loader
+    from ckpt_lib.errors import ConversionError
+
+    class Sink:
+        def put(self, msg):
+            pass
+
+    src = copy_model(hf_dir, tmp_path / "src")
+    original = (src / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", original[:8])
+    rng = random.Random(1)
+    args = argparse.Namespace(load_dir=str(src), model_type_hf=None, true_vocab_size=None, strict=False)
+    deadline, tries, clean = time.monotonic() + 15, 0, 0
+    while time.monotonic() < deadline and tries < 400:
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(0, 8 + n)] = rng.randrange(256)
+        (src / "model.safetensors").write_bytes(bytes(data))
+        tries += 1
+        try:
+            hf_loader.load(Sink(), args)
+        except ConversionError:
+            clean += 1
+    assert tries >= 50 and clean > 0

@@ -15,7 +15,7 @@ import torch
 
 from .errors import ConversionError
 from .families import deepseek
-from .hf_loader import check_copy, deepseek_plan, read_config, stream, validate
+from .hf_loader import add_strict, check_copy, deepseek_plan, read_config, stream, validate
 from .pipeline import parse_layer_list
 from .safetensors_io import SafetensorsSource
 
@@ -32,6 +32,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Noop layer indices in the padded numbering, e.g. 61,62 (exclusive with --num-layer-list)")
     group.add_argument("--experts-per-message", type=int, default=8,
                        help="Routed experts per queue message (bounds the memory of one message)")
+    add_strict(group)
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:
@@ -72,4 +73,4 @@ def load(queue: Any, args: argparse.Namespace) -> None:
             check_copy(source, copy, original)
     elif mtp_names:
         print(f"loader_hf_deepseek3: skipping the {len(mtp_names)} MTP tensors of layer {md.num_layers} (--mtp-num-layers 0)")
-    stream(queue, source, md, plan, "loader_hf_deepseek3")
+    stream(queue, source, md, plan, "loader_hf_deepseek3", args.strict)

@@ -22,6 +22,8 @@ from .families import Section, deepseek, dense, experts_to_protocol, to_protocol
 from .runtime import progress
 from .safetensors_io import SafetensorsSource
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -46,6 +48,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="HF family (default: config.json model_type)")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size (default: config.json vocab_size)")
+    add_strict(group)
+
+
+def add_strict(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--strict", action="store_true", help="NaN/Inf in a weight is an error instead of a warning")
 
 
 def read_config(load_dir: Path) -> dict[str, Any]:
@@ -101,6 +108,8 @@ def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step]
     def meta(name: str) -> torch.Tensor:
         if name not in source:
             raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+        if source.dtype(name) not in WEIGHT_DTYPES:
+            raise ConversionError(f"tensor {name!r} has dtype {source.dtype(name)}, not a floating-point weight dtype")
         read.add(name)
         return torch.empty(source.shape(name), dtype=source.dtype(name), device="meta")
 
@@ -114,11 +123,13 @@ def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step]
         raise ConversionError(f"unmapped tensors in the checkpoint: {', '.join(leftover[:5])}{more}")
 
 
-def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], what: str) -> None:
+def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], what: str,
+           strict: bool = False) -> None:
     queue.put(md)
     for step in progress(plan, len(plan), what):
         msg = step.build(source.get, md)
         msg["name"] = step.message
+        P.check_finite(msg, strict)
         queue.put(msg)
     queue.put(P.DONE)
 
@@ -144,4 +155,4 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     validate(source, md, plan, tied_copy)
     if tied_copy:  # some exporters keep the tied head; it must equal the embeddings
         check_copy(source, "lm_head.weight", embed_name)
-    stream(queue, source, md, plan, "loader_hf")
+    stream(queue, source, md, plan, "loader_hf", args.strict)

@@ -61,6 +61,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lora-target-modules", nargs="+", default=None,
                        help="LoRA target modules, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)")
     group.add_argument("--lora-use-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
+    group.add_argument("--strict", action="store_true", help="NaN/Inf in a weight is an error instead of a warning")
     group.add_argument("--save-lora-to-hf", action="store_true",
                        help="Export the LoRA adapters alone as a PEFT adapter directory (with saver hf)")
 
@@ -195,6 +196,7 @@ class McoreLoader:
         self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
         self.lora_files = self._lora_files(args.lora_load, f)
         self.export = bool(getattr(args, "save_lora_to_hf", False))
+        self.strict = bool(getattr(args, "strict", False))
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
         self.layout = detect_layout(f, first["args"])
@@ -376,6 +378,7 @@ class McoreLoader:
         queue.put(P.DONE)
 
     def send(self, queue: Any) -> None:
+        queue = FiniteCheckingQueue(queue, self.strict)
         if self.export:
             return self.send_adapters(queue)
         md = self.md
@@ -391,6 +394,18 @@ class McoreLoader:
             self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last, MTP_LAYER_PREFIX.format(index=k),
                              MTP_PARAMS, MTP_PREFIX.format(index=k))
         queue.put(P.DONE)
+
+
+class FiniteCheckingQueue:
+    """Checks every outgoing message for NaN/Inf before it reaches the saver."""
+
+    def __init__(self, queue: Any, strict: bool) -> None:
+        self.queue, self.strict = queue, strict
+
+    def put(self, msg: Any) -> None:
+        if isinstance(msg, dict):
+            P.check_finite(msg, self.strict)
+        self.queue.put(msg)
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ metadata so upstream savers never see a key they do not expect unless the model 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
@@ -256,3 +257,14 @@ def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
         if not hasattr(md, field):
             setattr(md, field, value)
     return md
+
+
+def check_finite(msg: dict[str, Any], strict: bool) -> None:
+    """NaN/Inf in weights: one warning line per tensor, or an error with --strict."""
+    for key, t in msg.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            text = f"message '{msg.get('name')}': '{key}' has {bad} NaN/Inf values"
+            if strict:
+                raise ConversionError(text + " (--strict)")
+            print(f"warning: {text}", file=sys.stderr, flush=True)
