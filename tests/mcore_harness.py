@@ -93,6 +93,8 @@ def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
                      moe_router_dtype="fp32", moe_token_dispatcher_type="allgather",
                      expert_model_parallel_size=args.expert_model_parallel_size, moe_aux_loss_coeff=0.0,
                      sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
+    if getattr(args, "mtp_num_layers", None):
+        extra["mtp_num_layers"] = args.mtp_num_layers
     return cls(**extra,
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
@@ -111,7 +113,7 @@ def _layout_list(args: argparse.Namespace) -> list[list[str]]:
     stages = stage_layout(args)
     out = [["decoder"] * c for (c,) in stages]
     out[0].insert(0, "embedding")
-    out[-1].append("loss")
+    out[-1] += ["mtp"] * (getattr(args, "mtp_num_layers", None) or 0) + ["loss"]
     return out
 
 
@@ -163,11 +165,18 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     for v in range(chunks):
         stage = v * pp + pp_rank
         spec = _local_spec(config, args, v if chunks > 1 else None)
+        last = stage == len(stages) - 1
+        mtp_spec = None
+        if last and getattr(args, "mtp_num_layers", None):
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=False,
+                                              vp_stage=v if chunks > 1 else None)
         model = GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-                         pre_process=stage == 0, post_process=stage == len(stages) - 1,
+                         pre_process=stage == 0, post_process=last,
                          share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                          position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
-                         vp_stage=v if chunks > 1 else None)
+                         vp_stage=v if chunks > 1 else None, mtp_block_spec=mtp_spec)
         state = ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -189,11 +198,21 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
                 hidden = torch.empty(hidden_shape)
                 torch.distributed.recv(hidden, src=_stage_peer((stage - 1) % pp))
                 model.set_input_tensor(hidden)
-            out = model(tokens, position_ids, mask)
             if stage < len(stages) - 1:
+                out = model(tokens, position_ids, mask)
                 torch.distributed.send(out.contiguous(), dst=_stage_peer((stage + 1) % pp))
-            elif tp_rank == 0 and ps.get_data_parallel_rank() == 0:
-                torch.save(out.float(), out_file)
+                continue
+            if getattr(args, "mtp_num_layers", None):
+                # With MTP the model computes losses from labels; the output layer's calls give the
+                # MTP logits first, then the main logits ([s, b, V] each).
+                calls: list[torch.Tensor] = []
+                model.output_layer.register_forward_hook(lambda m, i, o, calls=calls: calls.append(o[0]))
+                model(tokens, position_ids, mask, labels=tokens)
+                result = {"logits": calls[-1].transpose(0, 1), "mtp_logits": calls[0].transpose(0, 1)}
+            else:
+                result = {"logits": model(tokens, position_ids, mask)}
+            if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+                torch.save({k: t.float() for k, t in result.items()}, out_file)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -207,6 +226,11 @@ def _stage_peer(pp_rank: int) -> int:
 
 def mcore_logits(ckpt_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """fp32 logits [batch, seq, padded_vocab] of the checkpoint run by megatron-core on CPU."""
+    return mcore_outputs(ckpt_dir, tokens)["logits"]
+
+
+def mcore_outputs(ckpt_dir: str | Path, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`logits`, and `mtp_logits` for checkpoints with an MTP layer."""
     ckpt_dir = Path(ckpt_dir)
     args, _ = read_args(ckpt_dir)
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * getattr(args, "expert_model_parallel_size", 1)
