@@ -69,12 +69,14 @@ def _globals(md: argparse.Namespace, section: Section) -> Step:
     return Step(section.message, section, None, P.global_shapes(md, md.vocab_size)[section.message])
 
 
-def dense_plan(md: argparse.Namespace) -> list[Step]:
-    steps = [_globals(md, dense.EMBEDDING)]
-    steps += [Step(P.layer_message(i), dense.LAYER, i, P.layer_shapes(md, i)) for i in range(md.num_layers)]
-    steps.append(_globals(md, dense.FINAL_NORM))
+def dense_plan(md: argparse.Namespace, sections: tuple[Section, Section, Section, Section] | None = None) -> list[Step]:
+    """Embeddings, layers, final norm, output layer (untied) from a table's four sections."""
+    embedding, layer, final_norm, output = sections or (dense.EMBEDDING, dense.LAYER, dense.FINAL_NORM, dense.OUTPUT)
+    steps = [_globals(md, embedding)]
+    steps += [Step(P.layer_message(i), layer, i, P.layer_shapes(md, i)) for i in range(md.num_layers)]
+    steps.append(_globals(md, final_norm))
     if md.output_layer:
-        steps.append(_globals(md, dense.OUTPUT))
+        steps.append(_globals(md, output))
     return steps
 
 
