@@ -44,7 +44,7 @@ def test_default_dtype_is_bf16_rounded_once(tmp_path):
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16)), name
 
 
-@pytest.mark.parametrize("fixture", ["qwen3_interleaved", "llama_legacy"])
+@pytest.mark.parametrize("fixture", ["qwen3_interleaved", "qwen3_contiguous", "llama_legacy"])
 def test_tp2_logits_match_the_hf_model(tmp_path, fixture):
     from transformers import AutoModelForCausalLM
 
@@ -101,3 +101,35 @@ def test_intermediate_checkpoint_only_when_asked(tmp_path):
     assert not any(tmp_path.glob("**/ms2pt_checkpoint.pt"))
     convert_inprocess("core_mf", "hf", FIXTURES / "qwen3_interleaved", tmp_path / "hf2", "--ms2torch-ckpt-path", str(tmp_path / "ms2pt"))
     assert (tmp_path / "ms2pt" / "ms2pt_checkpoint.pt").exists()
+
+
+def test_merged_directory_with_param_name_map_and_bf16_input(tmp_path):
+    """A merged ("unified") directory: part files + param_name_map.json (+ hyper_param.safetensors); bf16 weights."""
+    import json
+
+    tensors = load_file(FIXTURES / "qwen3_interleaved" / "ms.safetensors")
+    names = sorted(tensors)
+    parts = {"part0.safetensors": names[: len(names) // 2], "part1.safetensors": names[len(names) // 2:]}
+    src = tmp_path / "unified"
+    src.mkdir()
+    for part, keys in parts.items():
+        save_file({k: tensors[k].to(torch.bfloat16) for k in keys}, src / part, metadata={"format": "ms"})
+    save_file({"epoch_num": torch.tensor([1])}, src / "hyper_param.safetensors", metadata={"format": "ms"})
+    (src / "param_name_map.json").write_text(json.dumps({k: part for part, keys in parts.items() for k in keys}))
+    convert_inprocess("core_mf", "hf", src, tmp_path / "hf")
+    got, want = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(FIXTURES / "hf_qwen3")
+    assert all(torch.equal(got[n], t.to(torch.bfloat16)) for n, t in want.items())
+
+
+def test_verify_against_the_mindspore_source(tmp_path):
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    convert_inprocess("core_mf", "core_ext", FIXTURES / "qwen3_contiguous", tmp_path / "mc", "--qkv-layout", "contiguous",
+                      "--fc1-layout", "contiguous", "--target-tensor-parallel-size", "2", "--saver-transformer-impl", "local")
+    result = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--source", str(FIXTURES / "qwen3_contiguous"),
+                             "--converted", str(tmp_path / "mc"), "--source-args", "--qkv-layout contiguous --fc1-layout contiguous"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
