@@ -18,6 +18,7 @@ CASES = {  # fixture -> (HF original, loader flags)
     "qwen3_interleaved": ("hf_qwen3", []),
     "qwen3_contiguous": ("hf_qwen3", ["--qkv-layout", "contiguous", "--fc1-layout", "contiguous"]),
     "llama_legacy": ("hf_llama", ["--num-attention-heads", "4"]),
+    "llama_legacy_fused": ("hf_llama", ["--num-attention-heads", "4"]),
     "qwen3_optimizer": ("hf_qwen3", []),
 }
 

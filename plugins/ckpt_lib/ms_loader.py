@@ -142,7 +142,7 @@ def infer_metadata(source: SafetensorsSource, names: list[str], args: argparse.N
         consumed_valid_samples=0, normalization="RMSNorm", norm_epsilon=1e-6, rotary_base=10000.0,
         qk_layernorm=qk_norm, hf_config=None,
     )
-    sections = (ms.legacy_sections(fused_qkv, fused_fc1) if legacy else
+    sections = (ms.legacy_sections(fused_qkv, fused_fc1, args.qkv_layout == "interleaved") if legacy else
                 ms.mcore_sections(args.qkv_layout == "interleaved", args.fc1_layout == "interleaved"))
     return md, sections
 

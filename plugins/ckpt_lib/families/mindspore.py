@@ -5,7 +5,7 @@ Layouts are not recorded in the files and changed between releases (checked agai
 - `linear_qkv`: Megatron per-query-group interleaved by default
   (`use_contiguous_weight_layout_attention: False`); plain [Q; K; V] when that option is True, the
   only layout of the 1.6-era `use_contiguous_weight_layout: True` default. Legacy `attention.w_qkv`
-  is plain [Q; K; V].
+  as written by mindformers' `convert_qkv_concat_weight` is Megatron-interleaved too.
 - `linear_fc1`: row-interleaved gate0, up0, gate1, up1, ... by default
   (`use_interleaved_weight_layout_mlp: True`, since 1.7); [gate; up] when False. Legacy
   `feed_forward.w_gate_hidden` is row-interleaved too.
@@ -77,11 +77,13 @@ def mcore_sections(qkv_interleaved: bool, fc1_interleaved: bool) -> tuple[Sectio
     )
 
 
-def legacy_sections(fused_qkv: bool, fused_fc1: bool) -> tuple[Section, Section, Section, Section]:
-    """Tables for the legacy Llama naming (`model.layers.N.attention.wq`, `feed_forward.w1`, ...)."""
-    qkv = (Relation(("attention.w_qkv.weight",), (P.QKV_W,), QKV_PLAIN) if fused_qkv else
+def legacy_sections(fused_qkv: bool, fused_fc1: bool, qkv_interleaved: bool = True) -> tuple[Section, Section, Section, Section]:
+    """Tables for the legacy Llama naming (`model.layers.N.attention.wq`, `feed_forward.w1`, ...).
+    mindformers' `convert_qkv_concat_weight` writes `w_qkv` Megatron-interleaved ("hf2mg")."""
+    fused = RENAME if qkv_interleaved else QKV_PLAIN
+    qkv = (Relation(("attention.w_qkv.weight",), (P.QKV_W,), fused) if fused_qkv else
            Relation(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"), (P.QKV_W,), QKV))
-    qkv_bias = (Relation(("attention.w_qkv.bias",), (P.QKV_B,), QKV_PLAIN, when="qkv_bias") if fused_qkv else
+    qkv_bias = (Relation(("attention.w_qkv.bias",), (P.QKV_B,), fused, when="qkv_bias") if fused_qkv else
                 Relation(("attention.wq.bias", "attention.wk.bias", "attention.wv.bias"), (P.QKV_B,), QKV, when="qkv_bias"))
     fc1 = ((Relation(("feed_forward.w_gate_hidden.weight",), (P.FC1_GATE_W, P.FC1_UP_W), FC1_INTERLEAVED),) if fused_fc1 else
            (Relation(("feed_forward.w1.weight",), (P.FC1_GATE_W,)), Relation(("feed_forward.w3.weight",), (P.FC1_UP_W,))))
