@@ -163,3 +163,49 @@ def test_peft_export_matches_merge(tmp_path, tp):
     with torch.no_grad():
         merged_logits = merged_model(tokens).logits
     assert (unmerged - merged_logits).abs().max() < 1e-4
+
+
+def test_deepseek_lora_merge_mla_and_experts(tmp_path):
+    """DeepSeek-V3 at TP2 x EP2 (megatron-core local names): LoRA on an MLA up projection, the
+    attention output, the shared expert and a routed expert merges into the HF weights exactly."""
+    from util import make_deepseek_model
+
+    make_deepseek_model(tmp_path / "hf", num_nextn_predict_layers=0)
+    hf = read_safetensors_dir(tmp_path / "hf")
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "mc", "--target-tensor-parallel-size", "2",
+                      "--target-expert-parallel-size", "2", "--saver-transformer-impl", "local")
+    gen = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return 0.05 * torch.randn(*shape, generator=gen)
+
+    h = "model.layers.1."
+    a_up, b_up = rnd(R, 24), rnd(hf[h + "self_attn.q_b_proj.weight"].shape[0], R)
+    a_o, b_o = rnd(R, 64), rnd(64, R)
+    a_sh, b_sg, b_su = rnd(R, 64), rnd(32, R), rnd(32, R)
+    a_ex, b_eg, b_eu = rnd(R, 64), rnd(32, R), rnd(32, R)  # routed expert 5 = EP rank 1, local 1
+    for f in sorted((tmp_path / "mc").glob("iter_*/mp_rank_*/model_optim_rng.pt")):
+        tp_rank, ep_rank = int(f.parent.name[8:10]), int(f.parent.name[11:14])
+        ckpt = torch.load(f, weights_only=False)
+        sd, p = ckpt["model"], "decoder.layers.1."
+        mods = {
+            "self_attention.linear_q_up_proj": (a_up, split(b_up, COLUMN, 2)[tp_rank]),
+            "self_attention.linear_proj": (split(a_o, ROW, 2)[tp_rank], b_o),
+            "mlp.shared_experts.linear_fc1": (a_sh, split((b_sg, b_su), GATED, 2)[tp_rank]),
+        }
+        if ep_rank == 1:
+            mods["mlp.experts.local_experts.1.linear_fc1"] = (a_ex, split((b_eg, b_eu), GATED, 2)[tp_rank])
+        for mod, (a, b) in mods.items():
+            sd[p + mod + ".base_layer.weight"] = sd.pop(p + mod + ".weight")
+            sd[p + mod + ".lora_A.default.weight"], sd[p + mod + ".lora_B.default.weight"] = a.clone(), b.clone()
+        torch.save(ckpt, f)
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "merged", "--lora-r", str(R), "--lora-alpha", str(ALPHA))
+    expected = reference_merge(hf, {
+        h + "self_attn.q_b_proj": (a_up, b_up), h + "self_attn.o_proj": (a_o, b_o),
+        h + "mlp.shared_experts.gate_proj": (a_sh, b_sg), h + "mlp.shared_experts.up_proj": (a_sh, b_su),
+        h + "mlp.experts.5.gate_proj": (a_ex, b_eg), h + "mlp.experts.5.up_proj": (a_ex, b_eu),
+    })
+    got = read_safetensors_dir(tmp_path / "merged")
+    assert sorted(got) == sorted(expected)
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
