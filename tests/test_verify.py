@@ -66,3 +66,20 @@ def test_convert_with_verify_flag_and_manifest(tmp_path):
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")  # corrupt bytes at the end of one file
     bad = run_verify("--source", tmp_path / "hf", "--converted", tmp_path / "mc")
     assert bad.returncode != 0 and "checksum differs" in bad.stdout
+
+
+def test_verify_logits(tmp_path):
+    make_hf_model("qwen3", tmp_path / "hf")
+    convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc", "--target-tensor-parallel-size", "2",
+                      "--saver-transformer-impl", "local")
+    ok = run_verify("--source", tmp_path / "hf", "--converted", tmp_path / "mc", "--logits")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS logits" in ok.stdout and "top-1 agreement 100.0%" in ok.stdout
+    for f in (tmp_path / "mc").glob("*/mp_rank_*/model_optim_rng.pt"):  # swap q/k norms: weights still "present"
+        ckpt = torch.load(f, weights_only=False)
+        sd = ckpt["model"]
+        q, k = "decoder.layers.0.self_attention.q_layernorm.weight", "decoder.layers.0.self_attention.k_layernorm.weight"
+        sd[q], sd[k] = sd[k], sd[q]
+        torch.save(ckpt, f)
+    bad = run_verify("--source", tmp_path / "hf", "--converted", tmp_path / "mc", "--logits")
+    assert bad.returncode == 1 and "FAIL logits" in bad.stdout

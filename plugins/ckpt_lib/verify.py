@@ -130,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-args", default="", help="Extra loader flags for --source, e.g. '--mtp-num-layers 1'")
     parser.add_argument("--converted-args", default="", help="Extra loader flags for --converted")
     parser.add_argument("--atol", type=float, default=0.0, help="Largest accepted abs difference (default 0: bit-exact)")
+    parser.add_argument("--logits", action="store_true",
+                        help="Also run both sides (transformers for the HF side, megatron-core on CPU for the Megatron side) "
+                             "on random token sequences and compare logits (small models; needs megatron-core and transformers)")
+    parser.add_argument("--logits-atol", type=float, default=1e-4, help="Largest accepted logits difference (fp32)")
 
 
 def check_manifest(directory: Path, report: Any = print) -> bool:
@@ -145,6 +149,26 @@ def check_manifest(directory: Path, report: Any = print) -> bool:
     return not problems
 
 
+def compare_logits(hf_dir: Path, mcore_dir: Path, atol: float, report: Any = print) -> bool:
+    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side."""
+    from transformers import AutoModelForCausalLM
+
+    from .mcore_runner import mcore_logits
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(tokens).logits.float()
+    ours = mcore_logits(mcore_dir, tokens)[..., :vocab]
+    diff = (ours - reference).abs()
+    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    ok = diff.max().item() <= atol
+    report(f"{'PASS' if ok else 'FAIL'} logits: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, "
+           f"top-1 agreement {top1:.1%} (tolerance {atol:g}, fp32, 2 x 16 tokens)")
+    return ok
+
+
 def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None) -> bool:
     """Manifest check, then the stream comparison. `source_args` reuses a conversion's own
     parsed loader options for the source side (convert.py --verify)."""
@@ -158,4 +182,10 @@ def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None)
                 stream.queue.get(timeout=0.1)
             except queue.Empty:
                 pass
+    if getattr(args, "logits", False):
+        sides = {detect_loader(d): d for d in (args.source, args.converted)}
+        hf_dir = sides.get("hf") or sides.get("hf_deepseek3")
+        if hf_dir is None or "core_ext" not in sides:
+            raise ConversionError("--logits compares an HF directory with a Megatron checkpoint")
+        ok = compare_logits(hf_dir, sides["core_ext"], args.logits_atol) and ok
     return ok

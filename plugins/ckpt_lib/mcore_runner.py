@@ -1,0 +1,242 @@
+"""Load a converted legacy checkpoint into real megatron-core 0.16.1 GPTModels on CPU and run it
+(the proof in the tests, and `verify.py --logits`; needs megatron-core, which conversions do not).
+
+One process per rank (gloo), each building the GPTModel(s) of its rank from the checkpoint's
+`args`, loading its file with `strict=True` and running a forward in fp32; pipeline stages pass
+hidden states with send/recv in layer order (VPP chunks included), and the last stage returns the
+full-vocabulary logits (`parallel_output=False`).
+
+CPU patches, applied in the worker processes only (the models are the real megatron-core
+classes): `torch.cuda.current_device` yields the CPU, `Tensor.cuda` is a no-op (tied embeddings
+under PP call it), the CUDA RNG tracker is a no-op (dropout is 0), `moe_utils.te_general_gemm` is
+defined as None (referenced unguarded without Transformer Engine), and the causal mask is passed
+explicitly (the default helper allocates on CUDA). MoE uses the allgather token dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_args(ckpt_dir: Path) -> tuple[argparse.Namespace, Path]:
+    text = (ckpt_dir / TRACKER).read_text().strip()
+    it_dir = ckpt_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
+    first = sorted(it_dir.glob("mp_rank_*/model_optim_rng.pt"))[0]
+    return torch.load(first, map_location="cpu", weights_only=False)["args"], it_dir
+
+
+def stage_layout(args: argparse.Namespace) -> list[list[int]]:
+    """Layers per (virtual) stage in megatron's stage order v * PP + p."""
+    pp, n = args.pipeline_model_parallel_size, args.num_layers
+    if getattr(args, "num_layer_list", None):
+        return [[int(c)] for c in args.num_layer_list.split(",")]
+    per_chunk = getattr(args, "num_layers_per_virtual_pipeline_stage", None) or n // pp
+    return [[per_chunk] for _ in range(n // per_chunk)]
+
+
+class _CpuRngTracker:
+    """Stands in for megatron's CUDA RNG tracker; dropout is 0 in these forwards."""
+
+    def fork(self, *args: Any, **kwargs: Any) -> Any:
+        return contextlib.nullcontext()
+
+
+def _patch_cpu() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tracker = _CpuRngTracker()
+    tensor_parallel.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker = lambda *a, **k: tracker
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # referenced unguarded when Transformer Engine is absent
+        moe_utils.te_general_gemm = None
+
+
+def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    extra: dict[str, Any] = {}
+    cls = TransformerConfig
+    if getattr(args, "multi_latent_attention", False):
+        cls = MLATransformerConfig
+        extra.update(multi_latent_attention=True, q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+                     qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
+                     rope_type="rope", rotary_base=args.rotary_base)
+    if getattr(args, "num_experts", None):
+        extra.update(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+                     moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+                     moe_layer_freq=args.moe_layer_freq, moe_router_topk=args.moe_router_topk,
+                     moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
+                     moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+                     moe_router_score_function=args.moe_router_score_function, moe_router_enable_expert_bias=True,
+                     moe_router_dtype="fp32", moe_token_dispatcher_type="allgather",
+                     expert_model_parallel_size=args.expert_model_parallel_size, moe_aux_loss_coeff=0.0,
+                     sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
+    if getattr(args, "mtp_num_layers", None):
+        extra["mtp_num_layers"] = args.mtp_num_layers
+    return cls(**extra,
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu, add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size, pipeline_model_parallel_layout=layout,
+        params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        pipeline_dtype=torch.float32,
+    )
+
+
+def _layout_list(args: argparse.Namespace) -> list[list[str]]:
+    stages = stage_layout(args)
+    out = [["decoder"] * c for (c,) in stages]
+    out[0].insert(0, "embedding")
+    out[-1] += ["mtp"] * (getattr(args, "mtp_num_layers", None) or 0) + ["loss"]
+    return out
+
+
+def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> Any:
+    """The local spec; for MLA, megatron-core's local DotProductAttention rejects the k/v channel
+    arguments MLA passes (upstream issue #1589) and sizes its output by kv_channels, so a subclass
+    that accepts them and sizes the context by v_head_dim is used."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+
+    if not getattr(args, "multi_latent_attention", False) and not getattr(args, "num_experts", None):
+        return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+    import megatron.core.transformer.multi_latent_attention as mla
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    mla.HAVE_TE = False  # megatron-core sets it although Transformer Engine is absent
+
+    class MlaDotProductAttention(DotProductAttention):
+        def __init__(self, *a: Any, k_channels: Any = None, v_channels: Any = None, **k: Any) -> None:
+            super().__init__(*a, **k)
+            if v_channels is not None:  # the context has v_head_dim per head, not kv_channels
+                self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = MlaDotProductAttention
+    return spec
+
+
+def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tensor, out_file: str) -> None:
+    warnings.filterwarnings("ignore")  # megatron-core warns about Apex/TE being absent, per module
+    _patch_cpu()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    args, it_dir = read_args(Path(ckpt_dir))
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    stages = stage_layout(args)
+    chunks = len(stages) // pp
+    ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
+                                 expert_model_parallel_size=ep)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank() if ep > 1 else 0
+    config = _config(args, _layout_list(args))
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+    ckpt = torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    models = []
+    for v in range(chunks):
+        stage = v * pp + pp_rank
+        spec = _local_spec(config, args, v if chunks > 1 else None)
+        last = stage == len(stages) - 1
+        mtp_spec = None
+        if last and getattr(args, "mtp_num_layers", None):
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=False,
+                                              vp_stage=v if chunks > 1 else None)
+        model = GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                         pre_process=stage == 0, post_process=last,
+                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                         position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
+                         vp_stage=v if chunks > 1 else None, mtp_block_spec=mtp_spec)
+        state = ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{name} chunk {v}: strict load failed: missing {missing} unexpected {result.unexpected_keys}")
+        models.append(model.eval())
+
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s).expand(b, 1, s, s)
+    hidden_shape = (s, b, args.hidden_size)
+    with torch.no_grad():
+        for stage in range(len(stages)):
+            owner, v = stage % pp, stage // pp
+            if owner != pp_rank:
+                continue
+            model = models[v]
+            if stage > 0:
+                hidden = torch.empty(hidden_shape)
+                torch.distributed.recv(hidden, src=_stage_peer((stage - 1) % pp))
+                model.set_input_tensor(hidden)
+            if stage < len(stages) - 1:
+                out = model(tokens, position_ids, mask)
+                torch.distributed.send(out.contiguous(), dst=_stage_peer((stage + 1) % pp))
+                continue
+            if getattr(args, "mtp_num_layers", None):
+                # With MTP the model computes losses from labels; the output layer's calls give the
+                # MTP logits first, then the main logits ([s, b, V] each).
+                calls: list[torch.Tensor] = []
+                model.output_layer.register_forward_hook(lambda m, i, o, calls=calls: calls.append(o[0]))
+                model(tokens, position_ids, mask, labels=tokens)
+                result = {"logits": calls[-1].transpose(0, 1), "mtp_logits": calls[0].transpose(0, 1)}
+            else:
+                result = {"logits": model(tokens, position_ids, mask)}
+            if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+                torch.save({k: t.float() for k, t in result.items()}, out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _stage_peer(pp_rank: int) -> int:
+    """Global rank of this rank's peer (same TP/EP/DP position) in pipeline stage `pp_rank`."""
+    from megatron.core import parallel_state as ps
+
+    return torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[pp_rank]
+
+
+def mcore_logits(ckpt_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [batch, seq, padded_vocab] of the checkpoint run by megatron-core on CPU."""
+    return mcore_outputs(ckpt_dir, tokens)["logits"]
+
+
+def mcore_outputs(ckpt_dir: str | Path, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`logits`, and `mtp_logits` for checkpoints with an MTP layer."""
+    ckpt_dir = Path(ckpt_dir)
+    args, _ = read_args(ckpt_dir)
+    world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * getattr(args, "expert_model_parallel_size", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "logits.pt")
+        mp.start_processes(_worker, args=(world, _free_port(), str(ckpt_dir), tokens, out_file), nprocs=world,
+                           join=True, start_method="spawn")
+        return torch.load(out_file)
