@@ -120,10 +120,7 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
 
 def save(queue: Any, args: argparse.Namespace) -> None:
     reader = P.MessageReader(queue, getattr(args, "checking", True))
-    md = reader.get_raw()
-    if not isinstance(md, argparse.Namespace):
-        raise ConversionError("the first message must be the metadata Namespace")
-    md = P.normalize_metadata(md)
+    md = P.receive_metadata(reader)
     if getattr(md, "lora_export", None):
         check_target(args.save_dir, args.overwrite)
         return save_adapters(reader, md, args)
@@ -154,18 +151,9 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             P.check_shapes(msg, shapes, message)
             emit(msg, section, layer)
             if P.is_moe_layer(md, layer):
-                received = 0
-                while received < md.num_experts:
-                    msg = reader.get(P.experts_message(message))
-                    first = P.take(msg, P.FIRST_EXPERT)
-                    count = msg[P.FC2_W].shape[0] if P.FC2_W in msg else 0
-                    if first != received or count < 1:
-                        raise ConversionError(f"{msg['name']}: expected experts from {received}, got {count} from {first}")
-                    P.check_shapes(msg, P.expert_shapes(md, count), msg["name"])
-                    for name, tensor in experts_from_protocol(deepseek.EXPERTS, msg, md, layer, first).items():
+                for first, experts in P.receive_experts(reader, message, md):
+                    for name, tensor in experts_from_protocol(deepseek.EXPERTS, experts, md, layer, first).items():
                         writer.add(name, tensor)
-                    received += count
-                    reader.finish(msg)
 
         emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
         mla = getattr(md, "multi_latent_attention", False)

@@ -184,16 +184,9 @@ class McoreSaver:
         per_rank = self.num_experts // self.ep
         per_bucket = self.num_experts // (self.ep * self.tp)
         table = expert_params(self.impl, self.grouped)
-        received = 0
-        while received < self.num_experts:
-            msg = reader.get(P.experts_message(message))
-            first = P.take(msg, P.FIRST_EXPERT)
-            count = msg[P.FC2_W].shape[0] if P.FC2_W in msg else 0
-            if first != received or count < 1:
-                raise ConversionError(f"{msg['name']}: expected experts from {received}, got {count} from {first}")
-            P.check_shapes(msg, P.expert_shapes(self.md, count), msg["name"])
+        for first, msg in P.receive_experts(reader, message, self.md):
             stacked = {k: msg.pop(k) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
-            for offset in range(count):
+            for offset in range(stacked[P.FC2_W].shape[0]):
                 expert = first + offset
                 one = {k: v[offset] for k, v in stacked.items()}
                 if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
@@ -201,8 +194,6 @@ class McoreSaver:
                     self._place(table, one, seg, prefix, [ep_rank], tp_rank, expert=expert % per_bucket)
                 else:
                     self._place(table, one, seg, prefix, [expert // per_rank], expert=expert % per_rank)
-            received += count
-            reader.finish(msg)
 
     def _receive_layer(self, reader: P.MessageReader, message: str, layer: int, seg: Segment, prefix: str,
                        extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
@@ -282,10 +273,7 @@ class McoreSaver:
 def save(queue: Any, args: argparse.Namespace) -> None:
     """The saver body: metadata first, then all messages, then an atomic commit."""
     reader = P.MessageReader(queue, getattr(args, "checking", True))
-    md = reader.get_raw()
-    if not isinstance(md, argparse.Namespace):
-        raise ConversionError("the first message must be the metadata Namespace")
-    md = P.normalize_metadata(md)
+    md = P.receive_metadata(reader)
     saver = McoreSaver(args, md)
     staged = StagedDir(args.save_dir, args.overwrite)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -153,6 +154,30 @@ class MessageReader:
             raise ConversionError(
                 f"unexpected keys in message '{name}': {sorted(msg)} (use --no-checking to ignore)"
             )
+
+
+def receive_metadata(reader: MessageReader) -> argparse.Namespace:
+    """The first message: the metadata Namespace, completed for upstream loaders' messages."""
+    md = reader.get_raw()
+    if not isinstance(md, argparse.Namespace):
+        raise ConversionError("the first message must be the metadata Namespace")
+    return normalize_metadata(md)
+
+
+def receive_experts(reader: MessageReader, message: str, md: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The routed-expert messages following layer `message`: yields (first expert, checked message)
+    until all `md.num_experts` experts have arrived, in order; the caller pops the stacked keys."""
+    received = 0
+    while received < md.num_experts:
+        msg = reader.get(experts_message(message))
+        first = take(msg, FIRST_EXPERT)
+        count = msg[FC2_W].shape[0] if FC2_W in msg else 0
+        if first != received or count < 1:
+            raise ConversionError(f"{msg['name']}: expected experts from {received}, got {count} from {first}")
+        check_shapes(msg, expert_shapes(md, count), msg["name"])
+        yield first, msg
+        received += count
+        reader.finish(msg)
 
 
 def take(msg: dict[str, Any], key: str) -> Any:
