@@ -9,9 +9,7 @@ I/O floor measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dir_bytes, print_memory, raw_floor, run_measured  # noqa: E402
+from common import bench_args, measure_conversion  # noqa: E402
 
 from ckpt_lib.safetensors_io import write_file  # noqa: E402
 
@@ -96,32 +94,12 @@ def make_model(directory: Path, size_gb: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gb", type=float, default=3.0)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_deepseek"))
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
-    src, out = args.workdir / "hf", args.workdir / "mcore"
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    cfg = make_model(src, args.size_gb)
-    in_bytes = dir_bytes(src)
-    cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--loader", "hf_deepseek3", "--saver", "core_ext",
-           "--load-dir", str(src), "--save-dir", str(out), "--target-tensor-parallel-size", "2",
-           "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1",
-           "--saver-transformer-impl", "local"]
-    wall, peak, _ = run_measured(cmd)
-    out_bytes = dir_bytes(out)
-    stage_bytes = max(sum(f.stat().st_size for f in out.rglob(f"mp_rank_*_{pp:03d}_*/*.pt")) for pp in range(2))
-    floor = raw_floor(src, out_bytes, args.workdir / "floor.bin")
-    print(f"model: {cfg['num_hidden_layers']} layers + MTP, {cfg['n_routed_experts']} experts, bf16, HF -> mcore TP2xEP2xPP2")
-    print(f"input bytes      {in_bytes / 1e9:8.3f} GB")
-    print(f"output bytes     {out_bytes / 1e9:8.3f} GB")
-    print(f"wall time        {wall:8.2f} s   ({in_bytes / wall / 1e9:.2f} GB/s of input)")
-    print(f"raw I/O floor    {floor:8.2f} s   (read input + write output, same run, warm cache)")
-    print_memory(peak, stage_bytes, 1.5e9)
-    if not args.keep:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-
+    args = bench_args(__doc__, 3.0, "/tmp/bench_deepseek")
+    cfg = make_model(args.workdir / "hf", args.size_gb)
+    measure_conversion(args, args.workdir / "hf", [
+        "--loader", "hf_deepseek3", "--saver", "core_ext", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+        "--target-expert-parallel-size", "2", "--mtp-num-layers", "1", "--saver-transformer-impl", "local"],
+        f"model: {cfg['num_hidden_layers']} layers + MTP, {cfg['n_routed_experts']} experts, bf16, HF -> mcore TP2xEP2xPP2", 1.5e9)
 
 if __name__ == "__main__":
     main()

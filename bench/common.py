@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,3 +91,44 @@ def raw_floor(src: Path, out_bytes: int, scratch: Path) -> float:
         os.fsync(fh.fileno())
     scratch.unlink()
     return time.perf_counter() - start
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_args(doc: str, size_gb: float, workdir: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=size_gb)
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
+    parser.add_argument("--keep", action="store_true", help="Keep the generated model and output")
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    return args
+
+
+def largest_stage(out: Path) -> int:
+    """Bytes of the largest pipeline stage: rank dirs mp_rank_TT_PPP[_EEE] grouped by PPP."""
+    stages: dict[str, int] = {}
+    for f in out.rglob("mp_rank_*/*.pt"):
+        parts = f.parent.name.split("_")
+        stages[parts[3] if len(parts) > 3 else "0"] = stages.get(parts[3] if len(parts) > 3 else "0", 0) + f.stat().st_size
+    return max(stages.values())
+
+
+def measure_conversion(args: argparse.Namespace, src: Path, convert_flags: list[str], title: str, allowance: float) -> None:
+    """Convert `src` with convert.py into workdir/mcore and print the figures."""
+    out = args.workdir / "mcore"
+    in_bytes = dir_bytes(src)
+    cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--load-dir", str(src), "--save-dir", str(out),
+           *convert_flags]
+    wall, peak, _ = run_measured(cmd)
+    out_bytes = dir_bytes(out)
+    floor = raw_floor(src, out_bytes, args.workdir / "floor.bin")
+    print(title)
+    print(f"input bytes      {in_bytes / 1e9:8.3f} GB")
+    print(f"output bytes     {out_bytes / 1e9:8.3f} GB")
+    print(f"wall time        {wall:8.2f} s   ({in_bytes / wall / 1e9:.2f} GB/s of input)")
+    print(f"raw I/O floor    {floor:8.2f} s   (read input + write output, same run, warm cache)")
+    print_memory(peak, largest_stage(out), allowance)
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
