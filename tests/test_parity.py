@@ -111,15 +111,52 @@ def test_deepseek_logits_match_transformers(tmp_path, case):
     assert (ours[..., :100] - reference).abs().max().item() < 1e-4
 
 
+def mtp_reference(model, mtp: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """What megatron-core's MTP layer computes, built from the HF model's own modules and the MTP
+    tensors of the checkpoint: roll the ids left (last id 0), enorm(embedding) and hnorm(final
+    hidden state) concatenated, eh_proj, one decoder layer (same RoPE positions), shared-head norm,
+    output head."""
+    import copy
+
+    eps = model.config.rms_norm_eps
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    with torch.no_grad():
+        hidden = model.model(tokens).last_hidden_state
+        rolled = torch.roll(tokens, -1, dims=-1)
+        rolled[:, -1] = 0
+        x = torch.cat([rms(model.model.embed_tokens(rolled), mtp["enorm.weight"]), rms(hidden, mtp["hnorm.weight"])], dim=-1)
+        x = x @ mtp["eh_proj.weight"].t()
+        layer = copy.deepcopy(model.model.layers[-1])
+        state = {k: v for k, v in mtp.items() if k.startswith(("self_attn.", "mlp.", "input_layernorm", "post_attention_layernorm"))
+                 and ".experts." not in k.replace("shared_experts", "")}
+        experts = range(model.config.n_routed_experts)
+        state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([mtp[f"mlp.experts.{e}.gate_proj.weight"],
+                                                                    mtp[f"mlp.experts.{e}.up_proj.weight"]]) for e in experts])
+        state["mlp.experts.down_proj"] = torch.stack([mtp[f"mlp.experts.{e}.down_proj.weight"] for e in experts])
+        layer.load_state_dict(state, strict=True)
+        s = tokens.shape[1]
+        position_ids = torch.arange(s).unsqueeze(0)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=model.model.rotary_emb(x, position_ids))
+        out = out[0] if isinstance(out, tuple) else out
+        return rms(out, mtp["shared_head.norm.weight"]) @ model.lm_head.weight.t()
+
+
 @pytest.mark.parametrize("flags", [[], ["--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2"]])
-def test_deepseek_mtp_checkpoint_loads_strict(tmp_path, flags):
-    """The MTP layer (with its embedding copy on the last stage under PP) loads strict into
-    megatron-core's MultiTokenPredictionBlock. Its logits are not compared: see the issue note."""
+def test_deepseek_mtp_logits(tmp_path, flags):
+    """The MTP layer loads strict into megatron-core's MultiTokenPredictionBlock (on the last stage,
+    with its embedding copy under PP); main and MTP logits match the references."""
     from mcore_harness import mcore_outputs
     from util import make_deepseek_model
 
-    make_deepseek_model(tmp_path / "hf")
+    model, mtp = make_deepseek_model(tmp_path / "hf")
     convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "mc", "--saver-transformer-impl", "local",
                       "--mtp-num-layers", "1", *flags)
     out = mcore_outputs(tmp_path / "mc", TOKENS)
-    assert out["mtp_logits"].shape == out["logits"].shape == (2, 10, 128)
+    assert (out["logits"][..., :100] - hf_logits(model, TOKENS)).abs().max().item() < 1e-4
+    mtp_diff = (out["mtp_logits"][..., :100] - mtp_reference(model, mtp, TOKENS)).abs().max().item()
+    print(f"MTP logits max abs diff {mtp_diff:.2e}")
+    assert mtp_diff < 1e-4

@@ -204,10 +204,11 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
                 torch.distributed.send(out.contiguous(), dst=_stage_peer((stage + 1) % pp))
                 continue
             if getattr(args, "mtp_num_layers", None):
-                # With MTP the model computes losses from labels; the output layer's calls give the
+                # With MTP the model computes losses from labels (the cross entropy then edits the logits
+                # in place, hence the clone); the output layer's calls give the
                 # MTP logits first, then the main logits ([s, b, V] each).
                 calls: list[torch.Tensor] = []
-                model.output_layer.register_forward_hook(lambda m, i, o, calls=calls: calls.append(o[0]))
+                model.output_layer.register_forward_hook(lambda m, i, o, calls=calls: calls.append(o[0].clone()))
                 model(tokens, position_ids, mask, labels=tokens)
                 result = {"logits": calls[-1].transpose(0, 1), "mtp_logits": calls[0].transpose(0, 1)}
             else:
