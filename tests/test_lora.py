@@ -9,7 +9,7 @@ import torch
 
 from ckpt_lib.families import QKV
 from ckpt_lib.sharding import COLUMN, GATED, ROW, split
-from util import convert_inprocess, make_hf_model, read_safetensors_dir
+from util import convert_inprocess, make_hf_model, read_mcore_dir, read_safetensors_dir
 
 R, ALPHA = 8, 16.0
 MD = argparse.Namespace(num_attention_heads=4, num_query_groups=2, kv_channels=16)
@@ -209,3 +209,38 @@ def test_deepseek_lora_merge_mla_and_experts(tmp_path):
     assert sorted(got) == sorted(expected)
     for name, t in expected.items():
         assert torch.equal(got[name], t), name
+
+
+def test_qlora_nf4_round_trip_and_merge(tmp_path, base):
+    """--qlora-nf4 stores each TP shard of the linears in bitsandbytes' NF4 layout; reading it back
+    gives exactly bitsandbytes' dequantization; a QLoRA adapter merges onto the dequantized base."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    root, hf, adapters = base
+    flags = ["--target-tensor-parallel-size", "2", "--saver-transformer-impl", "local"]
+    convert_inprocess("hf", "core_ext", root / "hf", tmp_path / "plain", *flags)
+    convert_inprocess("hf", "core_ext", root / "hf", tmp_path / "nf4", *flags, "--qlora-nf4")
+    plain, nf4 = read_mcore_dir(tmp_path / "plain"), read_mcore_dir(tmp_path / "nf4")
+    name = "decoder.layers.1.mlp.linear_fc1.weight"
+    packed = nf4["mp_rank_01/model"]
+    assert packed[name].dtype == torch.uint8 and name + ".quant_state.bitsandbytes__nf4" in packed
+    expected = {}
+    for rank, sd in plain.items():
+        expected[rank] = {}
+        for key, t in sd.items():
+            if key + ".quant_map" in nf4[rank]:
+                q, state = bnb.quantize_4bit(t, quant_type="nf4", blocksize=64)
+                t = bnb.dequantize_4bit(q, state)
+            expected[rank][key] = t
+    assert any(k + ".absmax" in nf4["mp_rank_00/model"] for k in expected["mp_rank_00/model"])
+    convert_inprocess("core_ext", "core_ext", tmp_path / "nf4", tmp_path / "dequantized", *flags)
+    got = read_mcore_dir(tmp_path / "dequantized")
+    for rank in expected:
+        for key, t in expected[rank].items():
+            assert torch.equal(got[rank][key], t), (rank, key)
+    # QLoRA: adapters trained on the NF4 base merge onto its dequantization
+    add_adapters(tmp_path / "nf4", adapters, 2, 4)
+    convert_inprocess("core_ext", "hf", tmp_path / "nf4", tmp_path / "merged", "--lora-r", str(R), "--lora-alpha", str(ALPHA))
+    convert_inprocess("core_ext", "hf", tmp_path / "dequantized", tmp_path / "deq_hf")
+    want = reference_merge(read_safetensors_dir(tmp_path / "deq_hf"), adapters)
+    merged = read_safetensors_dir(tmp_path / "merged")
+    assert all(torch.equal(merged[n], t) for n, t in want.items())

@@ -35,6 +35,7 @@ from .mcore_names import (
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
 from .mindspeed import from_mindspeed, is_mindspeed
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
+from .qlora import dequantize_nf4
 from .runtime import progress
 from .sharding import COLUMN, GATED, gather
 
@@ -233,6 +234,7 @@ class McoreLoader:
         key = (tp, pp, ep)
         if key not in self._chunks:
             split = [split_adapters(from_mindspeed(c, self.md, self.experts_per_rank)) for c in self.files.chunks(tp, pp, ep)]
+            split = [(dequantize_nf4(base), adapters) for base, adapters in split]
             self._chunks[key] = [base for base, _ in split]
             self._adapters[key] = [adapters for _, adapters in split]
             if self.lora_files is not None:

@@ -32,6 +32,7 @@ from .mcore_names import (
 from .megatron_io import iteration_dir_name, megatron_args, rank_dir_name, save_rank_file, write_tracker
 from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
+from .qlora import quantize_nf4
 from .runtime import Summary, progress
 from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split
 from .staging import StagedDir, check_target
@@ -60,6 +61,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Grouped experts: TEGroupedMLP names with TE, weight1/weight2 otherwise and under --naming mindspeed")
     group.add_argument("--moe-tp-extend-ep", action="store_true",
                        help="MindSpeed-LLM: experts are not split over TP; TP extends EP (needs --moe-grouped-gemm)")
+    group.add_argument("--qlora-nf4", action="store_true",
+                       help="QLoRA: store linear weights NF4-quantized (bitsandbytes layout), each TP shard on its own")
     group.add_argument("--mla-mm-split", action="store_true",
                        help="MindSpeed-LLM: MLA up projections as linear_qk_nope/qk_rope/kv_nope/v")
     group.add_argument("--true-vocab-size", type=int, default=None,
@@ -220,6 +223,8 @@ class McoreSaver:
                     chunks = [to_mindspeed(c, self.md, self.grouped, self.mm_split) for c in chunks]
                 elif self.grouped and self.impl == "local":
                     chunks = [group_experts(c) for c in chunks]
+                if getattr(self.args, "qlora_nf4", False):
+                    chunks = [quantize_nf4(c) for c in chunks]
                 path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
                 self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
                 prefixes = ["model/"] if len(chunks) == 1 else [f"model{i}/" for i in range(len(chunks))]
