@@ -244,3 +244,27 @@ def test_qlora_nf4_round_trip_and_merge(tmp_path, base):
     want = reference_merge(read_safetensors_dir(tmp_path / "deq_hf"), adapters)
     merged = read_safetensors_dir(tmp_path / "merged")
     assert all(torch.equal(merged[n], t) for n, t in want.items())
+
+
+def test_deepseek_lora_on_mindspeed_fused_down_projection(tmp_path):
+    """MindSpeed-LLM names at TP2: LoRA on the fused MLA down projection `linear_qkv` (lora_A shared,
+    lora_B rows [q_a; kv_a]) merges into q_a_proj and kv_a_proj_with_mqa."""
+    from util import make_deepseek_model
+
+    make_deepseek_model(tmp_path / "hf", num_nextn_predict_layers=0)
+    hf = read_safetensors_dir(tmp_path / "hf")
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "mc", "--naming", "mindspeed",
+                      "--target-tensor-parallel-size", "2")
+    gen = torch.Generator().manual_seed(9)
+    a, b = 0.05 * torch.randn(R, 64, generator=gen), 0.05 * torch.randn(24 + 24, R, generator=gen)
+    for f in sorted((tmp_path / "mc").glob("iter_*/mp_rank_*/model_optim_rng.pt")):
+        ckpt = torch.load(f, weights_only=False)
+        sd, mod = ckpt["model"], "decoder.layers.2.self_attention.linear_qkv"
+        sd[mod + ".base_layer.weight"] = sd.pop(mod + ".weight")
+        sd[mod + ".lora_A.default.weight"], sd[mod + ".lora_B.default.weight"] = a.clone(), b.clone()
+        torch.save(ckpt, f)
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "merged", "--lora-r", str(R), "--lora-alpha", str(ALPHA))
+    p = "model.layers.2.self_attn."
+    want = reference_merge(hf, {p + "q_a_proj": (a, b[:24]), p + "kv_a_proj_with_mqa": (a, b[24:])})
+    got = read_safetensors_dir(tmp_path / "merged")
+    assert all(torch.equal(got[n], t) for n, t in want.items())

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError
-from .sharding import COLUMN, GATED, ROW, gather
+from .sharding import COLUMN, GATED, REPLICATED, ROW, gather
 
 LORA_A, LORA_B = "lora A", "lora B"  # protocol key suffixes when adapters travel unmerged
 ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.default\.weight$")
@@ -62,7 +62,26 @@ def gather_adapter(shards: list[dict[str, torch.Tensor]], rule: str, module: str
         return a_shards[0], gather(b_shards, rule, module + ".lora_B")
     if rule == ROW:
         return gather(a_shards, ROW, module + ".lora_A"), b_shards[0]
+    if rule == REPLICATED:  # a linear kept whole on every TP rank (MLA down projections, TE / MindSpeed)
+        return a_shards[0], b_shards[0]
     raise ConversionError(f"LoRA on {module} (a {rule} parameter) is not supported")
+
+
+def split_fused_down(adapters: dict[str, dict[str, torch.Tensor]], md: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """MindSpeed-LLM's fused MLA down projection `linear_qkv` = [q_down; kv_down]: its adapter shares
+    lora_A and splits lora_B's rows the same way."""
+    if not getattr(md, "multi_latent_attention", False):
+        return adapters
+    out = {}
+    for module, pair in adapters.items():
+        if module.endswith(".self_attention.linear_qkv"):
+            base = module[: -len("linear_qkv")]
+            b_q, b_kv = pair["B"][: md.q_lora_rank], pair["B"][md.q_lora_rank:]
+            out[base + "linear_q_down_proj"] = {"A": pair["A"], "B": b_q}
+            out[base + "linear_kv_down_proj"] = {"A": pair["A"], "B": b_kv}
+        else:
+            out[module] = pair
+    return out
 
 
 def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

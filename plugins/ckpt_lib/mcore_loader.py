@@ -17,7 +17,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters
+from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters, split_fused_down
 from .mcore_names import (
     EMBEDDING_PARAMS,
     FINAL_NORM_PARAMS,
@@ -233,8 +233,9 @@ class McoreLoader:
         LoRA `base_layer` names restored; adapters kept aside for merging)."""
         key = (tp, pp, ep)
         if key not in self._chunks:
-            split = [split_adapters(from_mindspeed(c, self.md, self.experts_per_rank)) for c in self.files.chunks(tp, pp, ep)]
-            split = [(dequantize_nf4(base), adapters) for base, adapters in split]
+            split = [split_adapters(c) for c in self.files.chunks(tp, pp, ep)]
+            split = [(dequantize_nf4(from_mindspeed(base, self.md, self.experts_per_rank)), split_fused_down(adapters, self.md))
+                     for base, adapters in split]
             self._chunks[key] = [base for base, _ in split]
             self._adapters[key] = [adapters for _, adapters in split]
             if self.lora_files is not None:
