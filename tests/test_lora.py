@@ -268,3 +268,57 @@ def test_deepseek_lora_on_mindspeed_fused_down_projection(tmp_path):
     want = reference_merge(hf, {p + "q_a_proj": (a, b[:24]), p + "kv_a_proj_with_mqa": (a, b[24:])})
     got = read_safetensors_dir(tmp_path / "merged")
     assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+def test_deepseek_peft_export(tmp_path):
+    """MindSpeed names at TP2, adapters on the fused MLA down projection, q up projection and attention
+    output: the PEFT adapter (q_a_proj, kv_a_proj_with_mqa, q_b_proj, o_proj) loads without missing keys
+    and PEFT's merge equals ours bit for bit (fp32 base)."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from util import make_deepseek_model
+
+    make_deepseek_model(tmp_path / "hf", num_nextn_predict_layers=0)
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "mc", "--naming", "mindspeed",
+                      "--target-tensor-parallel-size", "2")
+    gen = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return 0.05 * torch.randn(*shape, generator=gen)
+
+    per_layer = {i: {"linear_qkv": (rnd(R, 64), rnd(48, R)), "linear_q_up_proj": (rnd(R, 24), rnd(96, R)),
+                     "linear_proj": (rnd(R, 64), rnd(64, R))} for i in range(4)}
+    lora_only = tmp_path / "lora_only"
+    for f in sorted((tmp_path / "mc").glob("iter_*/mp_rank_*/model_optim_rng.pt")):
+        tp_rank = int(f.parent.name[8:10])
+        ckpt = torch.load(f, weights_only=False)
+        sd, lora_sd = ckpt["model"], {}
+        for i, mods in per_layer.items():
+            for mod, (a, b) in mods.items():
+                name = f"decoder.layers.{i}.self_attention.{mod}"
+                shard_a = split(a, ROW, 2)[tp_rank] if mod == "linear_proj" else a
+                shard_b = split(b, COLUMN, 2)[tp_rank] if mod == "linear_q_up_proj" else b
+                sd[name + ".base_layer.weight"] = sd.pop(name + ".weight")
+                lora_sd[name + ".lora_A.default.weight"], lora_sd[name + ".lora_B.default.weight"] = shard_a.clone(), shard_b.clone()
+        sd.update(lora_sd)
+        torch.save(ckpt, f)
+        target = lora_only / f.relative_to(tmp_path / "mc")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**ckpt, "model": lora_sd}, target)
+    (lora_only / "latest_checkpointed_iteration.txt").write_text((tmp_path / "mc" / "latest_checkpointed_iteration.txt").read_text())
+    lora = ["--lora-r", str(R), "--lora-alpha", str(ALPHA)]
+    convert_inprocess("core_ext", "hf", lora_only, tmp_path / "peft", "--save-lora-to-hf", *lora, "--hf-config-dir", str(tmp_path / "hf"))
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "merged", *lora)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    ours = read_safetensors_dir(tmp_path / "merged")
+    merged = peft_model.merge_and_unload().state_dict()
+    for name in ("model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+                 "model.layers.3.self_attn.q_b_proj.weight", "model.layers.2.self_attn.o_proj.weight"):
+        assert torch.equal(merged[name], ours[name]), name

@@ -73,16 +73,16 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     """A PEFT adapter directory: fused adapters split per HF projection through the family table
     (lora_B runs the base weight's inverse op, e.g. q/k/v de-interleaving; lora_A is shared)."""
     lora = md.lora_export
-    if getattr(md, "multi_latent_attention", False):
-        raise ConversionError("--save-lora-to-hf supports dense GPT models in this release")
+    mla = getattr(md, "multi_latent_attention", False)
     summary = Summary("saver_hf (PEFT adapter)")
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rank = None
     for layer in range(md.num_layers):
         msg = reader.get(P.layer_message(layer))
-        prefix = dense.LAYER.prefix.format(layer=layer)
-        for rel in dense.LAYER.active(md):
+        section = deepseek.layer_section(md, layer) if mla else dense.LAYER
+        prefix = section.prefix.format(layer=layer)
+        for rel in section.active(md):
             if f"{rel.keys[0]} {LORA_B}" not in msg:
                 continue
             a_parts = [P.take(msg, f"{k} {LORA_A}") for k in rel.keys]
