@@ -5,20 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from util import assert_same_tensors, convert_inprocess, make_deepseek_model, read_mcore_dir, read_safetensors_dir
+from util import (
+    DEEPSEEK_LAYOUTS,
+    assert_same_tensors,
+    convert_inprocess,
+    make_deepseek_model,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 MTP = ["--mtp-num-layers", "1"]
-LAYOUTS = {
-    "tp2": ["--target-tensor-parallel-size", "2"],
-    "ep2": ["--target-expert-parallel-size", "2"],
-    "pp2": ["--target-pipeline-parallel-size", "2"],
-    "tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "tp2pp2ep2": ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "vpp": ["--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-    "uneven": ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
-    "noop": ["--target-pipeline-parallel-size", "2", "--noop-layers", "4,5", "--num-layers", "6"],
-    "dualpipev": ["--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"],
-}
+LAYOUTS = DEEPSEEK_LAYOUTS
 
 
 @pytest.fixture(scope="module")

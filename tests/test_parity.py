@@ -8,7 +8,7 @@ import torch
 
 from ckpt_lib.families import Op, Relation, Section, dense
 from mcore_harness import mcore_logits, read_args
-from util import convert_inprocess, hf_logits, make_hf_model, read_mcore_dir
+from util import DEEPSEEK_LAYOUTS, convert_inprocess, hf_logits, make_hf_model, read_mcore_dir
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CASES = {
@@ -87,15 +87,7 @@ def test_wrong_qkv_mapping_fails_parity(tmp_path, monkeypatch):
     assert parity(tmp_path, "llama", ["--target-tensor-parallel-size", "2"]) > 1e-3
 
 
-DEEPSEEK_CASES = {
-    "tp2": ["--target-tensor-parallel-size", "2"],
-    "ep2": ["--target-expert-parallel-size", "2"],
-    "pp2": ["--target-pipeline-parallel-size", "2"],
-    "tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "tp2pp2ep2": ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "vpp": ["--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-    "uneven": ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
-}
+DEEPSEEK_CASES = {k: v for k, v in DEEPSEEK_LAYOUTS.items() if k not in ("noop", "dualpipev")}  # megatron-core cannot build those
 
 
 @pytest.mark.parametrize("case", list(DEEPSEEK_CASES))

@@ -177,3 +177,17 @@ def make_deepseek_model(directory: Path, seed: int = 0, dtype: torch.dtype = tor
         tensors.update({f"model.layers.{L}.{k}": v.contiguous() for k, v in mtp.items()})
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return model, mtp
+
+
+# DeepSeek-V3 target layouts (saver_core_ext flags); noop layers and dualpipev are MindSpeed-LLM layouts.
+DEEPSEEK_LAYOUTS = {
+    "tp2": ["--target-tensor-parallel-size", "2"],
+    "ep2": ["--target-expert-parallel-size", "2"],
+    "pp2": ["--target-pipeline-parallel-size", "2"],
+    "tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "tp2pp2ep2": ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "vpp": ["--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    "uneven": ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
+    "noop": ["--target-pipeline-parallel-size", "2", "--noop-layers", "4,5", "--num-layers", "6"],
+    "dualpipev": ["--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"],
+}

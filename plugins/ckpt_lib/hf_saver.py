@@ -103,17 +103,13 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
         "use_rslora": bool(lora["rslora"]), "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": args.hf_config_dir,
     }
-    staged = StagedDir(args.save_dir, args.overwrite)
-    try:
+    with StagedDir(args.save_dir, args.overwrite) as staged:
         summary.add_file(write_file(staged.path / "adapter_model.safetensors", tensors))
         (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         manifest = Manifest()
         manifest.record("adapter_model.safetensors", tensors)
         manifest.write(staged.path)
         target = staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
     summary.notes.append(f"{len(tensors) // 2} adapted modules, r={rank}, targets {sorted(targets)}")
     summary.print(target)
 
@@ -131,8 +127,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     cfg = output_config(args, md)
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
     summary = Summary("saver_hf")
-    staged = StagedDir(args.save_dir, args.overwrite)
-    try:
+    with StagedDir(args.save_dir, args.overwrite) as staged:
         writer = ShardedWriter(staged.path, parse_size(args.max_shard_size))
 
         kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
@@ -184,8 +179,5 @@ def save(queue: Any, args: argparse.Namespace) -> None:
                     shutil.copy2(src, staged.path / name)
         manifest.write(staged.path)
         target = staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
     summary.notes.append(f"{cfg.get('architectures', ['?'])[0]} dtype {cfg['dtype']} vocab {vocab}")
     summary.print(target)

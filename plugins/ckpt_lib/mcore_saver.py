@@ -280,17 +280,13 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     reader = P.MessageReader(queue, getattr(args, "checking", True))
     md = P.receive_metadata(reader)
     saver = McoreSaver(args, md)
-    staged = StagedDir(args.save_dir, args.overwrite)
-    try:
+    with StagedDir(args.save_dir, args.overwrite) as staged:
         iteration = md.iteration if md.iteration is not None else "release"
         root = staged.path / iteration_dir_name(iteration)
         saver.receive(reader, root)
         write_tracker(staged.path, iteration)
         saver.manifest.write(staged.path)
         target = staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
     saver.summary.notes.append(
         f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
         f"layers/stage {saver.layout.layers_per_stage()} impl {saver.impl} "
