@@ -34,12 +34,17 @@ class Step:
     layer: int | None
     shapes: dict[str, tuple[int, ...]]
     experts: tuple[int, int] | None = None  # (first, count) for a routed-experts message
+    cast: torch.dtype | None = None  # round floating tensors once to this dtype (loader --params-dtype)
 
     def build(self, read: Callable[[str], torch.Tensor], md: argparse.Namespace) -> dict[str, Any]:
         if self.experts is None:
-            return to_protocol(self.section, read, md, self.layer)
-        first, count = self.experts
-        return {P.FIRST_EXPERT: first, **experts_to_protocol(self.section, read, md, self.layer, first, count)}
+            msg = to_protocol(self.section, read, md, self.layer)
+        else:
+            first, count = self.experts
+            msg = {P.FIRST_EXPERT: first, **experts_to_protocol(self.section, read, md, self.layer, first, count)}
+        if self.cast is not None:
+            msg = {k: v.to(self.cast) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in msg.items()}
+        return msg
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:

@@ -10,6 +10,7 @@ counted; any other unknown tensor is an error. No intermediate checkpoint is wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from . import protocol as P
 from .errors import ConversionError
 from .families import mindspore as ms
-from .hf_loader import Step, dense_plan, stream, validate
+from .hf_loader import dense_plan, stream, validate
 from .safetensors_io import SafetensorsSource
 
 LAYER_INDEX = re.compile(r"^(?:decoder|model)\.layers\.(\d+)\.")
@@ -147,17 +148,6 @@ def infer_metadata(source: SafetensorsSource, names: list[str], args: argparse.N
     return md, sections
 
 
-class CastingStep:
-    """A plan step whose tensors are rounded once to the target dtype (fp32 -> bf16: round to nearest even)."""
-
-    def __init__(self, step: Step, dtype: torch.dtype) -> None:
-        self.step, self.dtype, self.message = step, dtype, step.message
-
-    def build(self, read: Any, md: argparse.Namespace) -> dict[str, Any]:
-        msg = self.step.build(read, md)
-        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in msg.items()}
-
-
 def load(queue: Any, args: argparse.Namespace) -> None:
     source = open_source(Path(args.load_dir))
     metadata = {k: v for f in source.files for k, v in f.metadata.items()}
@@ -174,8 +164,5 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         target.mkdir(parents=True, exist_ok=True)
         torch.save({n: source.get(n).clone() for n in weights}, target / "ms2pt_checkpoint.pt")
         print(f"loader_core_mf: wrote the intermediate checkpoint {target / 'ms2pt_checkpoint.pt'}", flush=True)
-    steps = [CastingStep(s, md.params_dtype) for s in plan]
-    stream(queue, source, md, steps, "loader_core_mf", args.strict)  # type: ignore[arg-type]
-
-
-
+    plan = [dataclasses.replace(step, cast=md.params_dtype) for step in plan]  # fp32 -> bf16 rounds once
+    stream(queue, source, md, plan, "loader_core_mf", args.strict)
