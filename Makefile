@@ -20,11 +20,11 @@ demo: env
 	$(PY) demo.py
 
 test: env
-	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py
+	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py verify.py
 	$(PY) -m pytest -q tests
 
 lint: env
-	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py
+	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py verify.py
 
 bench: env
 	$(PY) bench/bench_dense.py
