@@ -3,10 +3,11 @@
     python convert.py --model-type GPT --loader hf --saver core_ext --load-dir IN --save-dir OUT [plugin flags]
 
 Plugins are modules `loader_<name>` / `saver_<name>` (falling back to `<name>`) found in this
-repository's `plugins/` or on the Python path. The saver runs in a child process and the loader in
-this one, joined by a bounded queue, exactly as upstream. Unlike upstream, a failing loader or saver
-ends the run with one `error:` line and a non-zero status, and a dead saver never leaves the loader
-blocked on a full queue. `CKPT_DEBUG=1` prints tracebacks.
+repository's `plugins/` or on the Python path; `mcore` means `core`. The saver runs in a child
+process and the loader in this one, joined by a bounded queue, exactly as upstream. Unlike upstream:
+a failing loader or saver ends the run with one `error:` line and a non-zero status (0 only when
+both succeeded), a dead saver never leaves the loader blocked on a full queue, and `--help` after
+`--loader X` / `--saver Y` lists their options too. `CKPT_DEBUG=1` prints tracebacks.
 """
 
 from __future__ import annotations
@@ -15,59 +16,142 @@ import argparse
 import importlib
 import os
 import queue as queue_module
+import signal
 import sys
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+# Our plugins come first, so `--loader hf` is plugins/loader_hf.py whatever else is on the path.
+# (Inside a Megatron-LM checkout this directory does not exist and the script's own directory,
+# tools/checkpoint, is already on the path, as under upstream's driver.)
 PLUGINS = Path(__file__).resolve().parent / "plugins"
-if PLUGINS.is_dir() and str(PLUGINS) not in sys.path:
+if PLUGINS.is_dir():
+    while str(PLUGINS) in sys.path:
+        sys.path.remove(str(PLUGINS))
     sys.path.insert(0, str(PLUGINS))
+
+EXIT, DONE = "exit", "done"
+POLL_SECONDS = 0.5  # how long a put waits before looking at the saver again
+
+
+def debug() -> bool:
+    """Tracebacks only on request: users get one line, developers set CKPT_DEBUG=1."""
+    return os.environ.get("CKPT_DEBUG", "") not in ("", "0")
+
+
+def report(role: str, error: BaseException) -> None:
+    """One `error:` line for an unexpected exception (plus its traceback under CKPT_DEBUG)."""
+    if debug():
+        traceback.print_exception(error)
+    text = str(error)
+    print(f"error: {role}: {type(error).__name__}{': ' + text if text else ''}", file=sys.stderr, flush=True)
+
+
+def plugin_name(name: str) -> str:
+    """Upstream's alias: `mcore` selects the `core` plugins."""
+    return "core" if name == "mcore" else name
+
+
+def _missing(error: ModuleNotFoundError, module_name: str) -> bool:
+    """True when the plugin module itself is absent, not one of its imports."""
+    return error.name is not None and (module_name == error.name or module_name.startswith(error.name + "."))
+
+
+def _import(module_name: str, plugin_type: str) -> ModuleType | None:
+    """Import a plugin candidate; None if it does not exist, one clear line if it is broken."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if _missing(e, module_name):
+            return None
+        if debug():
+            traceback.print_exc()
+        sys.exit(f"error: {plugin_type} plugin {module_name} cannot be imported: {e}")
+    except Exception as e:  # a broken plugin: say which one and why, in one line
+        if debug():
+            traceback.print_exc()
+        sys.exit(f"error: {plugin_type} plugin {module_name} cannot be imported: {type(e).__name__}: {e}")
 
 
 def load_plugin(plugin_type: str, name: str) -> ModuleType:
-    """Import `<type>_<name>`, else `<name>`; it must define add_arguments (upstream's rule)."""
+    """Import `<type>_<name>`, else `<name>`; it must define add_arguments (upstream's rules)."""
     module_name = f"{plugin_type}_{name}"
-    try:
-        plugin = importlib.import_module(module_name)
-    except ModuleNotFoundError as first:
-        if first.name != module_name:
-            raise
+    plugin = _import(module_name, plugin_type)
+    if plugin is None:
         module_name = name
-        try:
-            plugin = importlib.import_module(module_name)
-        except ModuleNotFoundError as second:
-            if second.name != module_name:
-                raise
-            sys.exit(f"error: unable to load {plugin_type} plugin {name} (no module {plugin_type}_{name} or {name})")
+        plugin = _import(module_name, plugin_type)
+    if plugin is None:
+        sys.exit(f"error: unable to load {plugin_type} plugin {name} (no module {plugin_type}_{name} or {name})")
     if not hasattr(plugin, "add_arguments"):
         sys.exit(f"error: {module_name} module is not a plugin (no add_arguments)")
     print(f"Loaded {module_name} as the {plugin_type}.", flush=True)
     return plugin
 
 
+class SaverDied(Exception):
+    """The saver process ended before the loader finished."""
+
+
 class SaverWatchingQueue:
-    """The loader's side of the queue: `put` gives up when the saver process has died, so a saver
-    that fails early can never leave the loader blocked on a full queue."""
+    """The loader's side of the queue. Loaders call `put` directly, and a plain bounded queue would
+    block them forever once the saver has died; this `put` gives up (SaverDied) instead. It also
+    notes "done" and "exit" so the driver knows how the loader left the protocol."""
 
     def __init__(self, inner: Any, saver: Any) -> None:
         self.inner, self.saver = inner, saver
+        self.sent_done = self.sent_exit = False
+
+    def _check_saver(self) -> None:
+        if not self.saver.is_alive():
+            raise SaverDied(f"the saver ended (exit status {self.saver.exitcode}) before the loader finished")
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._check_saver()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
             try:
-                return self.inner.put(item, timeout=0.5)
+                if block:
+                    self.inner.put(item, True, wait)
+                else:
+                    self.inner.put(item, False)
+                break
             except queue_module.Full:
-                if not self.saver.is_alive():
-                    raise SaverDied() from None
+                self._check_saver()
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+        if isinstance(item, str):
+            self.sent_done |= item == DONE
+            self.sent_exit |= item == EXIT
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A loader that hands its queue to a child process hands over the real queue.
+        return (_identity, (self.inner,))
 
-class SaverDied(Exception):
-    """The saver process ended before the loader finished."""
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def run_saver(save_checkpoint: Callable[[Any, Any], Any], queue: Any, args: argparse.Namespace) -> None:
+    """The saver process: an exception becomes one `error: saver:` line and exit status 1."""
+    try:
+        save_checkpoint(queue, args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        report("saver", e)
+        sys.exit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,55 +170,110 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> int:
-    import torch.multiprocessing as mp
+def help_request(argv: list[str]) -> tuple[bool, list[tuple[str, str]]]:
+    """Whether help was asked for, and the plugins named explicitly, so that their options can be
+    listed too (upstream shows only its own, because -h fires before the plugins are loaded)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("-h", "--help", action="store_true")
+    pre.add_argument("--loader")
+    pre.add_argument("--saver")
+    try:
+        ns, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return False, []  # malformed; the real parser will say so
+    named = [(kind, getattr(ns, kind)) for kind in ("loader", "saver") if getattr(ns, kind) is not None]
+    return ns.help, named
 
-    parser = build_parser()
-    if {"-h", "--help"} & set(sys.argv[1:]) and not {"--loader", "--saver"} & set(sys.argv[1:]):
-        parser.print_help()
-        return 0
-    known, _ = parser.parse_known_args()
-    names = {key: "core" if getattr(known, key) == "mcore" else getattr(known, key) for key in ("loader", "saver")}
-    loader = load_plugin("loader", names["loader"])
-    saver = load_plugin("saver", names["saver"])
-    loader.add_arguments(parser)
-    saver.add_arguments(parser)
-    args = parser.parse_args()
+
+def convert(loader: ModuleType, saver: ModuleType, args: argparse.Namespace) -> int:
+    """Saver in a child process, loader here, as upstream; returns 0 only if both succeeded."""
+    import torch.multiprocessing as mp
 
     queue = mp.Queue(maxsize=args.max_queue_size)
     print("Starting saver...", flush=True)
-    saver_proc = mp.Process(target=saver.save_checkpoint, args=(queue, args))
+    saver_proc = mp.Process(target=run_saver, args=(saver.save_checkpoint, queue, args))
     saver_proc.start()
-    print("Starting loader...", flush=True)
-    status = 0
     watched = SaverWatchingQueue(queue, saver_proc)
 
     def stop_saver() -> None:
-        try:
-            watched.put("exit")
-        except SaverDied:
-            pass
+        """Tell a waiting saver the loader failed (once), unless it is already gone."""
+        if not watched.sent_exit:
+            try:
+                watched.put(EXIT)
+            except SaverDied:
+                pass
 
+    print("Starting loader...", flush=True)
+    status, saver_died = 0, False
     try:
-        loader.load_checkpoint(watched, args)
-    except SaverDied:
-        status = 1  # the saver has printed its own error
-    except SystemExit as e:  # our loaders report their own error, then exit non-zero
-        status = e.code if isinstance(e.code, int) else 1
-        if status:
+        try:
+            loader.load_checkpoint(watched, args)
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise
+        if watched.sent_exit:
+            status = 1  # the loader gave up and has said why
+        elif not watched.sent_done:
+            print('error: loader: returned without sending "done"', file=sys.stderr, flush=True)
+            status = 1
             stop_saver()
-    except BaseException as e:  # an unexpected loader failure: tell the saver, say it in one line
-        if os.environ.get("CKPT_DEBUG"):
-            traceback.print_exc()
-        print(f"error: loader: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    except SaverDied:
+        status, saver_died = 1, True  # the saver has said why, or its exit status does below
+    except SystemExit as e:  # the loader has reported its own error (an int code) or gives it to us
+        if isinstance(e.code, int):
+            status = e.code if 1 <= e.code <= 255 else 1
+        else:
+            message = str(e.code)
+            print(message if message.startswith("error:") else f"error: loader: {message}", file=sys.stderr, flush=True)
+            status = 1
+        stop_saver()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        saver_proc.terminate()
+        status = 130
+    except Exception as e:
+        report("loader", e)
         stop_saver()
         status = 1
     print("Waiting for saver to complete...", flush=True)
     saver_proc.join()
-    if saver_proc.exitcode:
+    # Whatever the dead saver left unread must not keep this process's queue feeder thread alive.
+    queue.cancel_join_thread()
+    code = saver_proc.exitcode
+    if code is not None and code < 0 and status != 130:
+        print(f"error: saver: killed by {signal_name(-code)}", file=sys.stderr, flush=True)
+    elif code == 0 and saver_died:
+        print("error: saver: ended before the loader finished", file=sys.stderr, flush=True)
+    if code:
         status = status or 1
+    return status
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    wants_help, named = help_request(argv)
+    if wants_help:
+        for kind, name in named:
+            load_plugin(kind, plugin_name(name)).add_arguments(parser)
+        parser.print_help()
+        return 0
+    known, _ = parser.parse_known_args(argv)
+    loader = load_plugin("loader", plugin_name(known.loader))
+    saver = load_plugin("saver", plugin_name(known.saver))
+    loader.add_arguments(parser)
+    saver.add_arguments(parser)
+    args = parser.parse_args(argv)
+    status = convert(loader, saver, args)
     if status == 0 and args.verify:
-        status = run_verify(names["loader"], args)
+        status = run_verify(plugin_name(known.loader), args)
     return status
 
 
@@ -148,5 +287,17 @@ def run_verify(loader: str, args: argparse.Namespace) -> int:
     return 0 if verify.run(options, source_args=args) else 1
 
 
+def cli() -> int:
+    """main() with anything unexpected (a plugin's add_arguments failing, say) as one line."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        report("convert", e)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

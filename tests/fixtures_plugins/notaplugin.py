@@ -1,0 +1,1 @@
+"""A module without add_arguments: the driver must refuse it."""

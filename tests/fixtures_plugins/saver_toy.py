@@ -1,0 +1,32 @@
+"""Toy saver: writes every message's tensors to SAVE_DIR/toy.pt, exits 1 on "exit" (as upstream's)."""
+
+import os
+import sys
+
+import torch
+
+try:  # present when install.py copied the test pack's ckpt_lib next to it
+    from ckpt_lib.toy_marker import MARK
+except ImportError:
+    MARK = None
+
+
+def add_arguments(parser):
+    parser.add_argument_group(title="saver_toy").add_argument("--toy-note", default="", help="Stored in the output")
+
+
+def save_checkpoint(queue, args):
+    md = queue.get()
+    if md == "exit":
+        sys.exit(1)
+    tensors = {}
+    while True:
+        msg = queue.get()
+        if msg == "exit":
+            sys.exit(1)
+        if msg == "done":
+            break
+        tensors[msg["name"]] = msg["weight"].clone()
+    os.makedirs(args.save_dir, exist_ok=True)
+    out = {"metadata": vars(md), "tensors": tensors, "note": args.toy_note, "mark": MARK}
+    torch.save(out, os.path.join(args.save_dir, "toy.pt"))
