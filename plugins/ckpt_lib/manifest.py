@@ -1,6 +1,6 @@
 """The manifest written with every output: what each file holds, its checksum, how it was made.
 
-`conversion_manifest.json` lists every file (bytes, sha256), every tensor (name, shape, dtype) per
+`conversion_manifest.json` lists every file (bytes, sha256 unless --no-checksums), every tensor (name, shape, dtype) per
 file and chunk, the command line and the library versions. `verify.py` re-checks it.
 """
 
@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +32,42 @@ def sha256(path: Path) -> str:
 
 
 def describe(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Shape and dtype of every tensor (or tensor already written to a file) in a dict."""
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-            for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+            for name, t in tensors.items() if isinstance(getattr(t, "dtype", None), torch.dtype)}
 
 
 class Manifest:
-    def __init__(self) -> None:
+    def __init__(self, checksums: bool = True) -> None:
+        self.checksums = checksums
         self.tensors: dict[str, dict[str, dict[str, Any]]] = {}
+        self._hashing: dict[Path, Future[str]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def record(self, relpath: str, tensors: dict[str, Any]) -> None:
         self.tensors[relpath] = describe(tensors)
 
+    def hash_soon(self, path: Path) -> None:
+        """Checksum a finished file in the background while the conversion goes on
+        (hashlib releases the GIL), instead of reading everything again at the end."""
+        if not self.checksums:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._hashing[path.resolve()] = self._pool.submit(sha256, path)
+
+    def _sha256(self, path: Path) -> str | None:
+        if not self.checksums:
+            return None
+        future = self._hashing.get(path.resolve())
+        return future.result() if future is not None else sha256(path)
+
     def write(self, root: Path) -> None:
         """Checksum every file under `root` (the staged output) and write the manifest beside them."""
-        files = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        files = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": self._sha256(p)}
                  for p in sorted(root.rglob("*")) if p.is_file() and p.name != NAME}
+        if self._pool is not None:
+            self._pool.shutdown()
         try:
             import safetensors
 
@@ -78,7 +100,7 @@ def check(root: Path) -> list[str]:
         f = root / rel
         if not f.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
-        elif f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
+        elif f.stat().st_size != info["bytes"] or (info["sha256"] is not None and sha256(f) != info["sha256"]):
             problems.append(f"{rel}: checksum differs from the manifest")
     extra = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != NAME} - set(doc["files"])
     problems += [f"{rel}: not listed in the manifest" for rel in sorted(extra)]

@@ -1,7 +1,8 @@
 """Receive protocol messages and write Megatron-Core legacy `torch` rank files at a target layout.
 
-Tensors are split as they arrive and kept only until their pipeline rank's files are complete;
-each rank's files (all TP x EP ranks of the stage) are then written and freed. No model is built.
+Tensors are split as they arrive and written into their rank files after each message (layer),
+so memory holds about one layer whatever the size of a pipeline stage; a rank's files are closed
+when its last layer has arrived. No model is built.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .mcore_names import (
     expert_params,
     layer_params,
 )
-from .megatron_io import iteration_dir_name, megatron_args, rank_dir_name, save_rank_file, write_tracker
+from .megatron_io import RankFileWriter, iteration_dir_name, megatron_args, raise_open_file_limit, rank_dir_name, write_tracker
 from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .qlora import quantize_nf4
@@ -72,6 +73,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--params-dtype", choices=sorted(P.DTYPES), default=None,
                        help="dtype of the saved weights (default: the source's)")
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
+    group.add_argument("--no-checksums", action="store_true",
+                       help="Leave sha256 out of conversion_manifest.json (hashing costs about 1 s per 2 GB of output)")
 
 
 class McoreSaver:
@@ -103,13 +106,15 @@ class McoreSaver:
         self.padded_vocab: int | None = None
         self.first, self.last = self.layout.first_segment(), self.layout.last_segment()
         self.last_layer = {r: self.layout.last_layer_of_rank(r) for r in range(self.pp)}
-        # state[pp][ep][tp][chunk] -> {name: tensor}; dropped once the rank's files are written.
+        # state[pp][ep][tp][chunk] -> {name: tensor} received but not yet written (one message's worth).
         self.state: dict[int, list[list[list[dict[str, torch.Tensor]]]]] = {}
+        self.writers: dict[tuple[int, int, int], RankFileWriter] = {}
+        raise_open_file_limit(self.tp * self.pp * self.ep)
         self.word_shards: list[torch.Tensor] | None = None
         self.copies: list[str] = []
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
-        self.manifest = Manifest()
+        self.manifest = Manifest(not getattr(args, "no_checksums", False))
 
     def _check_divisibility(self) -> None:
         md, tp = self.md, self.tp
@@ -210,26 +215,46 @@ class McoreSaver:
         if moe:
             self._receive_experts(reader, message, seg, prefix)
 
+    def _rewrite(self, chunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The target profile's names and packing; each rewrite works within one layer."""
+        if self.naming == "mindspeed":
+            chunk = to_mindspeed(chunk, self.md, self.grouped, self.mm_split)
+        elif self.grouped and self.impl == "local":
+            chunk = group_experts(chunk)
+        if getattr(self.args, "qlora_nf4", False):
+            chunk = quantize_nf4(chunk)
+        return chunk
+
+    def _flush(self, pp_rank: int, root: Path) -> None:
+        """Write what a pipeline rank has received into its rank files and drop it from memory."""
+        for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
+            for tp_rank, chunks in enumerate(per_tp):
+                for index, chunk in enumerate(chunks):
+                    if not chunk:
+                        continue
+                    key = (pp_rank, ep_rank, tp_rank)
+                    if key not in self.writers:
+                        path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
+                        self.writers[key] = RankFileWriter(path, len(chunks))
+                    for name, tensor in self._rewrite(chunk).items():
+                        self.writers[key].add(index, name, tensor)
+                    chunk.clear()
+
     def _write_rank(self, pp_rank: int, root: Path) -> None:
+        """Flush and close every rank file of one pipeline rank."""
+        self._flush(pp_rank, root)
+        self.state.pop(pp_rank, None)
         ns = megatron_args(self.md, tp=self.tp, pp=self.pp, ep=self.ep, padded_vocab_size=self.padded_vocab,
                            transformer_impl=self.impl, params_dtype=self.dtype, layout=self.layout,
                            num_layer_list=parse_layer_list(self.args.num_layer_list),
                            layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage,
                            schedules_method=getattr(self.args, "schedules_method", None), naming=self.naming,
                            moe_grouped_gemm=self.grouped, moe_tp_extend_ep=self.tp_extend, mla_mm_split=self.mm_split)
-        for ep_rank, per_tp in enumerate(self.state.pop(pp_rank)):
-            for tp_rank, chunks in enumerate(per_tp):
-                if self.naming == "mindspeed":
-                    chunks = [to_mindspeed(c, self.md, self.grouped, self.mm_split) for c in chunks]
-                elif self.grouped and self.impl == "local":
-                    chunks = [group_experts(c) for c in chunks]
-                if getattr(self.args, "qlora_nf4", False):
-                    chunks = [quantize_nf4(c) for c in chunks]
-                path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
-                self.summary.add_file(save_rank_file(path, chunks, ns, self.md.iteration))
-                prefixes = ["model/"] if len(chunks) == 1 else [f"model{i}/" for i in range(len(chunks))]
-                self.manifest.record(str(path.relative_to(root.parent)),
-                                     {p + n: t for p, c in zip(prefixes, chunks) for n, t in c.items()})
+        for key in sorted(k for k in self.writers if k[0] == pp_rank):
+            writer = self.writers.pop(key)
+            self.summary.add_file(writer.close(ns, self.md.iteration))
+            self.manifest.record(str(writer.path.relative_to(root.parent)), writer.described())
+            self.manifest.hash_soon(writer.path)
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
         md, first, last = self.md, self.first, self.last
@@ -244,12 +269,15 @@ class McoreSaver:
                                            ("embedding.word_embeddings.weight", self.mtp_layers > 0)) if needed]
         if last.pp_rank != first.pp_rank and self.copies:
             self.word_shards = [t["embedding.word_embeddings.weight"] for t in self._slots(first, [0])[0]]
+        self._flush(first.pp_rank, root)
 
         for layer in progress(range(md.num_layers), md.num_layers, "saver_core_ext"):
             seg, local = self.layout.locate_real(layer)
             self._receive_layer(reader, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
             if seg.pp_rank != last.pp_rank and layer == self.last_layer[seg.pp_rank]:
                 self._write_rank(seg.pp_rank, root)
+            else:
+                self._flush(seg.pp_rank, root)
 
         msg = reader.get(P.FINAL_NORM)
         P.check_shapes(msg, P.global_shapes(md, 0)[P.FINAL_NORM], P.FINAL_NORM)

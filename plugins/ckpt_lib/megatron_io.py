@@ -12,7 +12,12 @@ and config classes found in `args`.
 from __future__ import annotations
 
 import argparse
+import io
+import pickle
 import re
+import resource
+import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +43,89 @@ def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
     return name
 
 
-def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]], args: argparse.Namespace, iteration: int | str) -> int:
-    """Write one rank file; a single chunk is stored as `model`, several as `model0..`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
-    if len(chunks) == 1:
-        state["model"] = chunks[0]
-    else:
-        state.update({f"model{i}": c for i, c in enumerate(chunks)})
-    # The zip's CRC32 halves torch.save's speed; torch.load does not need it.
-    torch.serialization.set_crc32_options(False)
-    torch.save(state, path)
-    return path.stat().st_size
+class _StorageRef:
+    """A storage already written to the zip, named by its record key."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _WrittenTensor:
+    """Pickles as the tensor torch.save would have written, without holding its data."""
+
+    def __init__(self, storage: _StorageRef, shape: torch.Size) -> None:
+        self.storage, self.shape, self.dtype = storage, shape, storage.dtype
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        stride = torch.empty(self.shape, device="meta").stride()
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, tuple(self.shape), stride, False, OrderedDict())
+
+
+class _Pickler(pickle.Pickler):
+    """torch.save's persistent ids: ("storage", type, key, location, numel)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+class RankFileWriter:
+    """One rank file written tensor by tensor, so that memory holds a layer, never a stage.
+
+    The file is the zip torch.save writes (records `data/<key>` per storage and `data.pkl` for the
+    object, here written last: torch.load finds records by name), loadable with plain `torch.load`,
+    `mmap=True` included (records stay 64-byte aligned). CRC32 is off, as torch.save allows: it
+    halves the write speed and torch.load does not need it.
+    """
+
+    def __init__(self, path: Path, num_chunks: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._zip: Any = torch._C.PyTorchFileWriter(str(path), False, 64)
+        self._records = 0
+        self.chunks: list[dict[str, Any]] = [{} for _ in range(num_chunks)]
+
+    def add(self, chunk: int, name: str, value: Any) -> None:
+        """Write a tensor's bytes now, straight from its memory; keep only a reference."""
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().contiguous()
+            ref = _StorageRef(str(self._records), tensor.dtype, tensor.numel())
+            start = tensor.storage_offset() * tensor.element_size()
+            self._zip.write_record(f"data/{ref.key}", tensor.untyped_storage()[start:start + tensor.nbytes], tensor.nbytes)
+            self._records += 1
+            value = _WrittenTensor(ref, tensor.shape)
+        self.chunks[chunk][name] = value
+
+    def described(self) -> dict[str, Any]:
+        """Everything written, by its path in the file (`model/...` or `model0/...`)."""
+        prefixes = ["model/"] if len(self.chunks) == 1 else [f"model{i}/" for i in range(len(self.chunks))]
+        return {p + name: value for p, chunk in zip(prefixes, self.chunks) for name, value in chunk.items()}
+
+    def close(self, args: argparse.Namespace, iteration: int | str) -> int:
+        """Write the object (`model` for one chunk, `model0..` for several) and end the zip."""
+        state: dict[str, Any] = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
+        if len(self.chunks) == 1:
+            state["model"] = self.chunks[0]
+        else:
+            state.update({f"model{i}": c for i, c in enumerate(self.chunks)})
+        buffer = io.BytesIO()
+        _Pickler(buffer, protocol=2).dump(state)
+        data = buffer.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        del self._zip
+        return self.path.stat().st_size
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Rank files of a stage are open together (TP x EP x VPP ranks): lift the soft limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:

@@ -3,12 +3,16 @@ and the closing summary. Works under our convert.py and under upstream's unchang
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
+
+import torch
 
 from .errors import ConversionError
 from .protocol import EXIT, LoaderExited
@@ -22,10 +26,71 @@ def _fail(role: str, error: BaseException) -> None:
     print(f"error: {role}: {error}", file=sys.stderr, flush=True)
 
 
+INFLIGHT_BYTES = 256 << 20  # tensor bytes sent but not yet taken by the saver
+
+
+def _tensor_bytes(message: Any) -> int:
+    if not isinstance(message, dict):
+        return 0
+    return sum(v.nbytes for v in message.values() if isinstance(v, torch.Tensor))
+
+
+class PacedQueue:
+    """The loader's end of the queue, holding back while the saver has more than INFLIGHT_BYTES
+    of tensors still to take. Messages carry tensors in shared memory, so a queue of 50 layers
+    (upstream's default size) would keep 50 layers in memory when the loader is faster than
+    the saver; pacing keeps memory at about that budget plus the layers being read and written."""
+
+    def __init__(self, queue: Any, budget: int = INFLIGHT_BYTES) -> None:
+        self.queue, self.budget = queue, budget
+        self.sent: deque[int] = deque()
+
+    def _waiting(self) -> int:
+        try:
+            return self.queue.qsize()
+        except (NotImplementedError, AttributeError):  # macOS, or a queue without qsize: its own bound applies
+            return 0
+
+    def put(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        size = _tensor_bytes(message)
+        while True:
+            waiting = min(self._waiting(), len(self.sent))
+            if waiting == 0 or sum(list(self.sent)[-waiting:]) + size <= self.budget:
+                break
+            time.sleep(0.002)
+        self.sent.append(size)
+        if len(self.sent) > 1024:
+            self.sent.popleft()
+        self.queue.put(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+
+def return_freed_memory() -> None:
+    """Serve large allocations from mmap so that freeing a layer gives its memory back.
+
+    glibc raises its mmap threshold after the first large free, and from then on layer-sized
+    buffers (TP-split copies, read buffers) come from the heap, where fragmentation keeps them
+    resident: memory then grows with the number of layers converted. Setting the threshold
+    explicitly turns that adjustment off."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
 def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     """Run a loader; on failure tell the saver ("exit") and exit non-zero with one clear line."""
+    return_freed_memory()
     try:
-        body(queue, args)
+        body(PacedQueue(queue), args)
     except (ConversionError, OSError) as e:
         _fail("loader", e)
         queue.put(EXIT)
@@ -37,6 +102,7 @@ def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
 
 def run_saver(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     """Run a saver in its child process; every failure is one line and exit status 1."""
+    return_freed_memory()
     try:
         body(queue, args)
     except LoaderExited:
