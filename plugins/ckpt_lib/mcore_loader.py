@@ -38,6 +38,7 @@ from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, 
 from .qlora import dequantize_nf4
 from .runtime import progress
 from .sharding import COLUMN, GATED, gather
+from .torch_dist import is_torch_dist
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
@@ -90,6 +91,18 @@ class RankFiles:
         if not keys:
             raise ConversionError(f"{self.grid[(tp, pp, ep)]}: no 'model' state dict")
         return [ckpt[k] for k in keys]
+
+
+class TorchDistFiles(RankFiles):
+    """A torch_dist checkpoint presented as one TP1/PP1/EP1 rank file (read whole by megatron-core)."""
+
+    def __init__(self, iteration_dir: Path) -> None:
+        from . import torch_dist
+
+        ns, state = torch_dist.load(iteration_dir)
+        super().__init__({(0, 0, 0): iteration_dir})
+        iteration = getattr(ns, "iteration", None)
+        self._open[(0, 0, 0)] = {"args": torch_dist.single_rank_args(ns), "model": state, "iteration": iteration}
 
 
 def _tensor_names(state: dict[str, Any]) -> list[str]:
@@ -176,7 +189,7 @@ def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int |
 class McoreLoader:
     def __init__(self, args: argparse.Namespace) -> None:
         iteration_dir, self.iteration = find_iteration_dir(Path(args.load_dir))
-        self.files = f = RankFiles(rank_grid(iteration_dir))
+        self.files = f = TorchDistFiles(iteration_dir) if is_torch_dist(iteration_dir) else RankFiles(rank_grid(iteration_dir))
         self.experts_per_message = getattr(args, "experts_per_message", 8) or 8
         for flag, value, found in (("--source-tensor-parallel-size", args.source_tensor_parallel_size, f.tp),
                                    ("--source-pipeline-parallel-size", args.source_pipeline_parallel_size, f.pp),

@@ -36,9 +36,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_args(ckpt_dir: Path) -> tuple[argparse.Namespace, Path]:
+def read_args(ckpt_dir: Path, layout: tuple[int, int, int] | None = None) -> tuple[argparse.Namespace, Path]:
+    """The checkpoint's `args`; for torch_dist, `layout` (TP, PP, EP) picks the layout to load at."""
     text = (ckpt_dir / TRACKER).read_text().strip()
     it_dir = ckpt_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
+    if (it_dir / "common.pt").exists():
+        args = torch.load(it_dir / "common.pt", map_location="cpu", weights_only=False)["args"]
+        if layout is not None:
+            args = argparse.Namespace(**vars(args))
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size = layout
+            args.num_layers_per_virtual_pipeline_stage = args.num_layer_list = None
+        return args, it_dir
     first = sorted(it_dir.glob("mp_rank_*/model_optim_rng.pt"))[0]
     return torch.load(first, map_location="cpu", weights_only=False)["args"], it_dir
 
@@ -62,6 +70,7 @@ class _CpuRngTracker:
 def _patch_cpu() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]  # dist_checkpointing calls it unconditionally
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as tp_random
@@ -143,15 +152,48 @@ def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> 
     return spec
 
 
-def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tensor, out_file: str) -> None:
+def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: int, vp_stage: int | None) -> Any:
+    """The GPTModel (chunk) of one pipeline stage, as Megatron-LM builds it from `args`."""
+    from megatron.core.models.gpt import GPTModel
+
+    spec = _local_spec(config, args, vp_stage)
+    last = stage == num_stages - 1
+    mtp_spec = None
+    if last and getattr(args, "mtp_num_layers", None):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=False, vp_stage=vp_stage)
+    return GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                    pre_process=stage == 0, post_process=last,
+                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                    position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
+                    vp_stage=vp_stage, mtp_block_spec=mtp_spec)
+
+
+def _load_torch_dist(model: Any, it_dir: Path) -> dict[str, Any]:
+    """This rank's part of a torch_dist checkpoint, read by megatron-core for the model's layout."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron.core import parallel_state as ps
+
+    # The embedding copy of an MTP stage is tied across data-parallel ranks through this group.
+    metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    sharded = {k: v for k, v in model.sharded_state_dict(metadata=metadata).items()
+               if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    return dist_checkpointing.load({"model": sharded}, str(it_dir))["model"]
+
+
+def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tensor, out_file: str,
+            layout: tuple[int, int, int] | None) -> None:
     warnings.filterwarnings("ignore")  # megatron-core warns about Apex/TE being absent, per module
     _patch_cpu()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
-    args, it_dir = read_args(Path(ckpt_dir))
+    args, it_dir = read_args(Path(ckpt_dir), layout)
+    torch_dist = (it_dir / "common.pt").exists()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     stages = stage_layout(args)
     chunks = len(stages) // pp
@@ -161,24 +203,12 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     ep_rank = ps.get_expert_model_parallel_rank() if ep > 1 else 0
     config = _config(args, _layout_list(args))
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
-    ckpt = torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    ckpt = {} if torch_dist else torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
     models = []
     for v in range(chunks):
         stage = v * pp + pp_rank
-        spec = _local_spec(config, args, v if chunks > 1 else None)
-        last = stage == len(stages) - 1
-        mtp_spec = None
-        if last and getattr(args, "mtp_num_layers", None):
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-
-            mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=False,
-                                              vp_stage=v if chunks > 1 else None)
-        model = GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-                         pre_process=stage == 0, post_process=last,
-                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                         position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
-                         vp_stage=v if chunks > 1 else None, mtp_block_spec=mtp_spec)
-        state = ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
+        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None)
+        state = _load_torch_dist(model, it_dir) if torch_dist else ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
@@ -226,18 +256,20 @@ def _stage_peer(pp_rank: int) -> int:
     return torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[pp_rank]
 
 
-def mcore_logits(ckpt_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [batch, seq, padded_vocab] of the checkpoint run by megatron-core on CPU."""
-    return mcore_outputs(ckpt_dir, tokens)["logits"]
+def mcore_logits(ckpt_dir: str | Path, tokens: torch.Tensor, layout: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """fp32 logits [batch, seq, padded_vocab] of the checkpoint run by megatron-core on CPU
+    (a torch_dist checkpoint at `layout` (TP, PP, EP), default TP1/PP1/EP1)."""
+    return mcore_outputs(ckpt_dir, tokens, layout)["logits"]
 
 
-def mcore_outputs(ckpt_dir: str | Path, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def mcore_outputs(ckpt_dir: str | Path, tokens: torch.Tensor, layout: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """`logits`, and `mtp_logits` for checkpoints with an MTP layer."""
     ckpt_dir = Path(ckpt_dir)
-    args, _ = read_args(ckpt_dir)
+    layout = layout or (1, 1, 1)
+    args, _ = read_args(ckpt_dir, layout)
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * getattr(args, "expert_model_parallel_size", 1)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "logits.pt")
-        mp.start_processes(_worker, args=(world, _free_port(), str(ckpt_dir), tokens, out_file), nprocs=world,
+        mp.start_processes(_worker, args=(world, _free_port(), str(ckpt_dir), tokens, out_file, layout), nprocs=world,
                            join=True, start_method="spawn")
         return torch.load(out_file)

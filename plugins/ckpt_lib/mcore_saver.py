@@ -46,6 +46,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--target-pipeline-parallel-size", type=int, default=None,
                        help="Target PP size (default: the source's, else 1)")
     group.add_argument("--target-expert-parallel-size", type=int, default=1, help="Target EP size (MoE models)")
+    group.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                       help="Legacy per-rank files (torch) or megatron-core dist_checkpointing (torch_dist, Megatron-LM's "
+                            "default, layout free: the target sizes are recorded in args, megatron-core reshards on load)")
     group.add_argument("--num-layer-list", type=str, default=None,
                        help="Layers per pipeline stage, e.g. 4,3,3 (uneven PP; exclusive with VPP and noop layers)")
     group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
@@ -85,17 +88,26 @@ class McoreSaver:
         self.tp = args.target_tensor_parallel_size or getattr(md, "previous_tensor_parallel_size", 1) or 1
         self.pp = args.target_pipeline_parallel_size or getattr(md, "previous_pipeline_parallel_size", 1) or 1
         self.ep = getattr(args, "target_expert_parallel_size", None) or 1
+        # torch_dist stores whole tensors: split at TP/PP/EP 1, record the target sizes in args.
+        self.torch_dist = getattr(args, "ckpt_format", "torch") == "torch_dist"
+        self.target = (self.tp, self.pp, self.ep)
+        self.whole: dict[str, torch.Tensor] = {}
         self.num_experts = md.num_experts or 0
         self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
         noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
         self.layout: PipelineLayout = make_layout(
             md.num_layers + len(noop), self.pp, parse_layer_list(args.num_layer_list),
             args.num_layers_per_virtual_pipeline_stage, noop, getattr(args, "schedules_method", None) == "dualpipev")
+        self.target_layout = self.layout
+        if self.torch_dist:
+            self._check_torch_dist(noop)
+            self.tp = self.pp = self.ep = 1
+            self.layout = make_layout(md.num_layers, 1, None, None, [], False)
         self.naming = getattr(args, "naming", "megatron-core")
         self.grouped = bool(getattr(args, "moe_grouped_gemm", False))
         self.tp_extend = bool(getattr(args, "moe_tp_extend_ep", False))
         self.mm_split = bool(getattr(args, "mla_mm_split", False))
-        self.impl = "local" if self.naming == "mindspeed" else args.saver_transformer_impl
+        self.impl = "local" if self.naming == "mindspeed" or self.torch_dist else args.saver_transformer_impl
         self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
@@ -116,8 +128,18 @@ class McoreSaver:
         self.summary = Summary("saver_core_ext")
         self.manifest = Manifest(not getattr(args, "no_checksums", False))
 
+    def _check_torch_dist(self, noop: list[int]) -> None:
+        """torch_dist is megatron-core's format: its names, no MindSpeed-only layouts."""
+        a = self.args
+        for flag, used in (("--naming mindspeed", getattr(a, "naming", "megatron-core") == "mindspeed"),
+                           ("--noop-layers", bool(noop)), ("--schedules-method dualpipev", getattr(a, "schedules_method", None) == "dualpipev"),
+                           ("--moe-grouped-gemm", bool(getattr(a, "moe_grouped_gemm", False))),
+                           ("--qlora-nf4", bool(getattr(a, "qlora_nf4", False)))):
+            if used:
+                raise ConversionError(f"--ckpt-format torch_dist cannot be combined with {flag} (use --ckpt-format torch)")
+
     def _check_divisibility(self) -> None:
-        md, tp = self.md, self.tp
+        md, (tp, _, _) = self.md, self.target
         sizes = [("num_attention_heads", md.num_attention_heads), ("ffn_hidden_size", md.ffn_hidden_size)]
         if not getattr(md, "multi_latent_attention", False):
             sizes.append(("num_query_groups", md.num_query_groups))
@@ -127,10 +149,11 @@ class McoreSaver:
         for what, size in sizes:
             if size % tp:
                 raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")
-        if self.ep > 1 and not self.num_experts:
+        ep = self.target[2]
+        if ep > 1 and not self.num_experts:
             raise ConversionError("--target-expert-parallel-size > 1 needs a model with experts")
-        if self.num_experts % self.ep:
-            raise ConversionError(f"--target-expert-parallel-size {self.ep} does not divide the {self.num_experts} experts")
+        if self.num_experts % ep:
+            raise ConversionError(f"--target-expert-parallel-size {ep} does not divide the {self.num_experts} experts")
 
     def _check_profile(self, dualpipev: bool) -> None:
         """The seeds' exclusions between MindSpeed-LLM options."""
@@ -184,7 +207,7 @@ class McoreSaver:
         if self.true_vocab is None:
             self.padded_vocab = table.shape[0]
             return table
-        self.padded_vocab = padded_vocab_size(self.true_vocab, self.divisible_by, self.tp)
+        self.padded_vocab = padded_vocab_size(self.true_vocab, self.divisible_by, self.target[0])
         return pad_vocab(table, self.padded_vocab)
 
     def _receive_experts(self, reader: P.MessageReader, message: str, seg: Segment, prefix: str) -> None:
@@ -227,6 +250,11 @@ class McoreSaver:
 
     def _flush(self, pp_rank: int, root: Path) -> None:
         """Write what a pipeline rank has received into its rank files and drop it from memory."""
+        if self.torch_dist:
+            for chunk in self.state.get(pp_rank, [[[{}]]])[0][0]:
+                self.whole.update(chunk)
+                chunk.clear()
+            return
         for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
             for tp_rank, chunks in enumerate(per_tp):
                 for index, chunk in enumerate(chunks):
@@ -244,17 +272,34 @@ class McoreSaver:
         """Flush and close every rank file of one pipeline rank."""
         self._flush(pp_rank, root)
         self.state.pop(pp_rank, None)
-        ns = megatron_args(self.md, tp=self.tp, pp=self.pp, ep=self.ep, padded_vocab_size=self.padded_vocab,
-                           transformer_impl=self.impl, params_dtype=self.dtype, layout=self.layout,
+        if self.torch_dist:
+            return
+        for key in sorted(k for k in self.writers if k[0] == pp_rank):
+            writer = self.writers.pop(key)
+            self.summary.add_file(writer.close(self._args_namespace(), self.md.iteration))
+            self.manifest.record(str(writer.path.relative_to(root.parent)), writer.described())
+            self.manifest.hash_soon(writer.path)
+
+    def write_torch_dist(self, root: Path) -> None:
+        """The whole model through megatron-core's dist_checkpointing (see torch_dist)."""
+        from . import torch_dist
+
+        self.manifest.record(root.name, self.whole)
+        torch_dist.save(self.whole, self._args_namespace(), self.md.iteration, root)
+        for f in root.rglob("*"):
+            if f.is_file():
+                self.summary.add_file(f.stat().st_size)
+
+    def _args_namespace(self) -> argparse.Namespace:
+        tp, pp, ep = self.target
+        ns = megatron_args(self.md, tp=tp, pp=pp, ep=ep, padded_vocab_size=self.padded_vocab,
+                           transformer_impl=self.impl, params_dtype=self.dtype, layout=self.target_layout,
                            num_layer_list=parse_layer_list(self.args.num_layer_list),
                            layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage,
                            schedules_method=getattr(self.args, "schedules_method", None), naming=self.naming,
                            moe_grouped_gemm=self.grouped, moe_tp_extend_ep=self.tp_extend, mla_mm_split=self.mm_split)
-        for key in sorted(k for k in self.writers if k[0] == pp_rank):
-            writer = self.writers.pop(key)
-            self.summary.add_file(writer.close(ns, self.md.iteration))
-            self.manifest.record(str(writer.path.relative_to(root.parent)), writer.described())
-            self.manifest.hash_soon(writer.path)
+        ns.ckpt_format = "torch_dist" if self.torch_dist else "torch"
+        return ns
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
         md, first, last = self.md, self.first, self.last
@@ -301,6 +346,8 @@ class McoreSaver:
         self._write_rank(last.pp_rank, root)
         for rank in sorted(self.state):
             self._write_rank(rank, root)
+        if self.torch_dist:
+            self.write_torch_dist(root)
 
 
 def save(queue: Any, args: argparse.Namespace) -> None:
@@ -316,8 +363,9 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         saver.manifest.write(staged.path)
         target = staged.commit()
     saver.summary.notes.append(
-        f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
-        f"layers/stage {saver.layout.layers_per_stage()} impl {saver.impl} "
+        (f"torch_dist (layout free; args say TP{saver.target[0]} PP{saver.target[1]} EP{saver.target[2]}) " if saver.torch_dist else
+         f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
+         f"layers/stage {saver.layout.layers_per_stage()} ") + f"impl {saver.impl} "
         f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )
     saver.summary.print(target)
