@@ -35,13 +35,18 @@ def is_torch_dist(iteration_dir: Path) -> bool:
     return (iteration_dir / METADATA).is_file() and (iteration_dir / ".metadata").is_file()
 
 
+def _quiet() -> None:
+    """megatron-core warns at import, per module, that Transformer Engine and Apex are absent, and about
+    config defaults irrelevant to a meta model."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+
+
 @contextlib.contextmanager
 def megatron_session() -> Iterator[None]:
     """A one-process model-parallel world (TP = PP = EP = 1) for building meta models and for
     dist_checkpointing, which needs torch.distributed even for one writer."""
     from . import mcore_runner
 
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|TE).*")
     mcore_runner._patch_cpu()
     from megatron.core import parallel_state as ps
 
@@ -85,6 +90,7 @@ def _is_tensor_entry(value: Any) -> bool:
 def save(state: dict[str, torch.Tensor], ns: argparse.Namespace, iteration: int | str, directory: Path) -> None:
     """Write `state` (TP1/PP1 megatron-core local names -> whole tensors) as a torch_dist checkpoint;
     every tensor of the model must be present and nothing else."""
+    _quiet()
     from megatron.core import dist_checkpointing
 
     with megatron_session():
@@ -108,6 +114,7 @@ def save(state: dict[str, torch.Tensor], ns: argparse.Namespace, iteration: int 
 
 def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
     """The checkpoint's `args` and all its model tensors under TP1/PP1 megatron-core local names."""
+    _quiet()
     from megatron.core import dist_checkpointing
 
     try:
