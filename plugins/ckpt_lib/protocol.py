@@ -6,7 +6,9 @@ metadata so upstream savers never see a key they do not expect unless the model 
 - `md.ffn_hidden_size`, `md.num_query_groups`, `md.kv_channels`, `md.normalization`,
   `md.norm_epsilon`, `md.rotary_base`, `md.vocab_size` mirrored at top level for savers that do
   not read `checkpoint_args`;
-- `md.hf_config` (the source HF `config.json` as a dict, or None) so mcore -> HF can restore it.
+- `md.hf_config` (the source HF `config.json` as a dict, or None) so mcore -> HF can restore it;
+- MoE layers without shared experts (`md.moe_shared_expert_intermediate_size` None) or without a
+  router expert bias (`md.moe_router_enable_expert_bias` False) carry no such keys.
 """
 
 from __future__ import annotations
@@ -196,7 +198,11 @@ def layer_shapes(md: argparse.Namespace, layer: int = 0) -> dict[str, tuple[int,
     shapes.update(_mla_shapes(md) if getattr(md, "multi_latent_attention", False) else _attention_shapes(md))
     if is_moe_layer(md, layer):
         e, f = md.num_experts, md.moe_shared_expert_intermediate_size
-        shapes.update({ROUTER_W: (e, h), ROUTER_BIAS: (e,), SHARED_FC1_GATE_W: (f, h), SHARED_FC1_UP_W: (f, h), SHARED_FC2_W: (h, f)})
+        shapes[ROUTER_W] = (e, h)
+        if getattr(md, "moe_router_enable_expert_bias", None) is not False:  # only an explicit False (Qwen3-MoE) drops it
+            shapes[ROUTER_BIAS] = (e,)
+        if f:  # MoE without shared experts (Qwen3-MoE) has none
+            shapes.update({SHARED_FC1_GATE_W: (f, h), SHARED_FC1_UP_W: (f, h), SHARED_FC2_W: (h, f)})
         return shapes
     f = md.ffn_hidden_size
     shapes[FC2_W] = (h, f)
