@@ -173,9 +173,8 @@ def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: i
 def _load_torch_dist(model: Any, it_dir: Path) -> dict[str, Any]:
     """This rank's part of a torch_dist checkpoint, read by megatron-core for the model's layout."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     # The embedding copy of an MTP stage is tied across data-parallel ranks through this group.
     metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}

@@ -35,7 +35,7 @@ from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .qlora import quantize_nf4
 from .runtime import Summary, progress
-from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split
+from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split, split_stacked
 from .staging import StagedDir, check_target
 
 
@@ -215,16 +215,24 @@ class McoreSaver:
         per_rank = self.num_experts // self.ep
         per_bucket = self.num_experts // (self.ep * self.tp)
         table = expert_params(self.impl, self.grouped)
+        tp = 1 if self.tp_extend else self.tp
         for first, msg in P.receive_experts(reader, message, self.md):
-            stacked = {k: msg.pop(k) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
-            for offset in range(stacked[P.FC2_W].shape[0]):
+            stacked = {k: msg.pop(k).to(self.dtype) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
+            shards = {param.name: split_stacked(stacked[param.keys[0]] if len(param.keys) == 1 else
+                                                tuple(stacked[k] for k in param.keys), param.rule, tp, param.name)
+                      for param in table}
+            del stacked
+            for offset in range(shards[table[0].name][0].shape[0]):
                 expert = first + offset
-                one = {k: v[offset] for k, v in stacked.items()}
                 if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
                     ep_rank, tp_rank = divmod(expert // per_bucket, self.tp)
-                    self._place(table, one, seg, prefix, [ep_rank], tp_rank, expert=expert % per_bucket)
+                    local, ranks = expert % per_bucket, [tp_rank]
                 else:
-                    self._place(table, one, seg, prefix, [expert // per_rank], expert=expert % per_rank)
+                    ep_rank, local, ranks = expert // per_rank, expert % per_rank, list(range(self.tp))
+                per_tp = self._slots(seg, [ep_rank])[0]
+                for name, per_rank_shards in shards.items():
+                    for shard_index, tp_rank in enumerate(ranks):
+                        per_tp[tp_rank][prefix + name.format(expert=local)] = per_rank_shards[shard_index][offset]
 
     def _receive_layer(self, reader: P.MessageReader, message: str, layer: int, seg: Segment, prefix: str,
                        extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:

@@ -53,6 +53,20 @@ def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: in
     return list(torch.chunk(t, tp, dim=dim))
 
 
+def split_stacked(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor") -> list[torch.Tensor]:
+    """`split` applied to every matrix of a stack [k, ...] at once (experts of one message): one copy
+    per TP rank instead of one per expert, and each expert's shard is then a contiguous view."""
+    if rule == GATED:
+        gate, up = t
+        gates, ups = split_stacked(gate, COLUMN, tp, what), split_stacked(up, COLUMN, tp, what)
+        return [torch.cat(pair, dim=1) for pair in zip(gates, ups)]
+    if rule not in (COLUMN, ROW) or t.dim() != 3:
+        raise ValueError(f"split_stacked: {what} needs a stack of matrices with a column/row/gated rule")
+    dim = 1 if rule == COLUMN else 2
+    _check_divisible(t.shape[dim], tp, what)
+    return [c.contiguous() for c in torch.chunk(t, tp, dim=dim)]
+
+
 def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `split`: rebuild the full tensor (a (gate, up) pair for `gated`)."""
     if rule == REPLICATED or (rule == ROW and shards[0].dim() == 1):
