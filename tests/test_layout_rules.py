@@ -11,7 +11,7 @@ import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib.errors import ConversionError
 from ckpt_lib.families import QKV
 from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list
-from ckpt_lib.sharding import COLUMN, GATED, REPLICATED, ROW, gather, owned, pad_vocab, padded_vocab_size, split
+from ckpt_lib.sharding import COLUMN, GATED, REPLICATED, ROW, gather, pad_vocab, padded_vocab_size, split, split_stacked
 
 
 def placements(layout):
@@ -83,11 +83,15 @@ def test_split_rejects_indivisible():
         split(torch.randn(6, 4), COLUMN, 4, "x")
 
 
-def test_owned_copies_views_only():
-    base = torch.randn(4, 4)
-    view = torch.chunk(base, 2)[0]
-    assert owned(view).untyped_storage().nbytes() == view.nbytes
-    assert owned(base) is base
+def test_split_stacked_equals_split_per_matrix():
+    gen = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.randn(3, 8, 4, generator=gen) for _ in range(3))
+    for rule, stacked, one in ((GATED, (gate, up), lambda e: (gate[e], up[e])), (ROW, down, lambda e: down[e]),
+                               (COLUMN, gate, lambda e: gate[e])):
+        shards = split_stacked(stacked, rule, 2)
+        for e in range(3):
+            for tp, shard in enumerate(split(one(e), rule, 2)):
+                assert torch.equal(shards[tp][e], shard) and shards[tp][e].is_contiguous()
 
 
 def test_vocab_padding_repeats_last_row_and_trims():

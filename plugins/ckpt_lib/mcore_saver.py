@@ -35,7 +35,7 @@ from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .qlora import quantize_nf4
 from .runtime import Summary, progress
-from .sharding import COLUMN, owned, pad_vocab, padded_vocab_size, split, split_stacked
+from .sharding import COLUMN, pad_vocab, padded_vocab_size, split, split_stacked
 from .staging import StagedDir, check_target
 
 
@@ -188,7 +188,7 @@ class McoreSaver:
                 continue
             values = [P.take(msg, k) for k in param.keys]
             dtype = torch.float32 if param.fp32 else self.dtype
-            shards = [owned(s.to(dtype)) for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
+            shards = [s.to(dtype).contiguous() for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
             name = prefix + param.name.format(**fmt)
             for per_tp in targets:
                 if only_tp is not None:

@@ -17,28 +17,13 @@ from .errors import ConversionError
 REPLICATED, COLUMN, ROW, GATED = "replicated", "column", "row", "gated"
 
 
-def owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor whose storage is exactly its bytes.
-
-    torch.save writes a view's whole storage. A contiguous slice (a dim-0 shard) gets a storage of
-    its own that aliases the same memory (no copy); only non-contiguous slices (dim-1 shards) are
-    copied.
-    """
-    if not t.is_contiguous():
-        return t.contiguous()
-    if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
-        return t
-    flat = t.reshape(-1).view(torch.uint8).numpy()  # shares memory; keeps `t` alive
-    return torch.frombuffer(memoryview(flat), dtype=torch.uint8).view(t.dtype).reshape(t.shape)
-
-
 def _check_divisible(size: int, tp: int, what: str) -> None:
     if size % tp:
         raise ConversionError(f"{what}: size {size} is not divisible by tensor parallel size {tp}")
 
 
 def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor") -> list[torch.Tensor]:
-    """Split a full tensor into `tp` shards (views; call `owned` before saving)."""
+    """Split a full tensor into `tp` shards (views where the rule allows)."""
     if rule == REPLICATED:
         return [t] * tp
     if rule == GATED:
