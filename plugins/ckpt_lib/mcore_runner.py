@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -83,6 +84,28 @@ def _patch_cpu() -> None:
         moe_utils.te_general_gemm = None
 
 
+class CudaAsCpu(TorchFunctionMode):
+    """For training on CPU (mcore_trainer): megatron-core's optimizer and DDP code create tensors
+    with a literal `device="cuda"` and accept only parameters whose `Tensor.type()` is a
+    'torch.cuda.*Tensor' string; this mode puts such tensors on the CPU and names CPU tensors by
+    their CUDA type."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_meta else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_cuda(device: Any) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (isinstance(device, torch.device) and device.type == "cuda")
+
+
 def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -99,7 +122,7 @@ def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
                      moe_layer_freq=args.moe_layer_freq, moe_router_topk=args.moe_router_topk,
                      moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
                      moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-                     moe_router_score_function=args.moe_router_score_function, moe_router_enable_expert_bias=True,
+                     moe_router_score_function=args.moe_router_score_function, moe_router_enable_expert_bias=bool(args.moe_router_enable_expert_bias),
                      moe_router_dtype="fp32", moe_token_dispatcher_type="allgather",
                      expert_model_parallel_size=args.expert_model_parallel_size, moe_aux_loss_coeff=0.0,
                      sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
@@ -192,7 +215,6 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     from megatron.core import parallel_state as ps
 
     args, it_dir = read_args(Path(ckpt_dir), layout)
-    torch_dist = (it_dir / "common.pt").exists()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     stages = stage_layout(args)
     chunks = len(stages) // pp
@@ -202,17 +224,7 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     ep_rank = ps.get_expert_model_parallel_rank() if ep > 1 else 0
     config = _config(args, _layout_list(args))
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
-    ckpt = {} if torch_dist else torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
-    models = []
-    for v in range(chunks):
-        stage = v * pp + pp_rank
-        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None)
-        state = _load_torch_dist(model, it_dir) if torch_dist else ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"{name} chunk {v}: strict load failed: missing {missing} unexpected {result.unexpected_keys}")
-        models.append(model.eval())
+    models = [m.eval() for m in load_rank_models(args, config, it_dir, name)]
 
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -246,6 +258,28 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
                 torch.save({k: t.float() for k, t in result.items()}, out_file)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: str) -> list[Any]:
+    """This rank's model chunks built from `args` and loaded strictly from its file (or torch_dist)."""
+    from megatron.core import parallel_state as ps
+
+    torch_dist = (it_dir / "common.pt").exists()
+    pp, pp_rank = args.pipeline_model_parallel_size, ps.get_pipeline_model_parallel_rank()
+    stages = stage_layout(args)
+    chunks = len(stages) // pp
+    ckpt = {} if torch_dist else torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    models = []
+    for v in range(chunks):
+        stage = v * pp + pp_rank
+        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None)
+        state = _load_torch_dist(model, it_dir) if torch_dist else ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{name} chunk {v}: strict load failed: missing {missing} unexpected {result.unexpected_keys}")
+        models.append(model)
+    return models
 
 
 def _stage_peer(pp_rank: int) -> int:
