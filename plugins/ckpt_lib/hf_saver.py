@@ -12,7 +12,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .families import Section, deepseek, dense, experts_from_protocol, from_protocol
+from .families import Section, deepseek, dense, experts_from_protocol, from_protocol, qwen3_moe
 from .lora import LORA_A, LORA_B
 from .manifest import Manifest
 from .runtime import Summary, progress
@@ -43,6 +43,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Leave sha256 out of conversion_manifest.json (hashing costs about 1 s per 2 GB of output)")
 
 
+def layer_section(md: argparse.Namespace, layer: int) -> Section:
+    """The HF table of a decoder layer: DeepSeek-V3 (MLA), Qwen3-MoE (experts without MLA) or dense."""
+    if getattr(md, "multi_latent_attention", False):
+        return deepseek.layer_section(md, layer)
+    return qwen3_moe.LAYER if md.num_experts else dense.LAYER
+
+
 def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
     """config.json for the output: --hf-config-dir's, else the source's, else rebuilt; checked against md."""
     if args.hf_config_dir:
@@ -52,8 +59,8 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         cfg = json.loads(path.read_text())
     elif getattr(md, "hf_config", None):
         cfg = dict(md.hf_config)
-    elif getattr(md, "multi_latent_attention", False):
-        raise ConversionError("DeepSeek-V3 output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
+    elif getattr(md, "multi_latent_attention", False) or md.num_experts:
+        raise ConversionError("MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
@@ -75,14 +82,13 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     """A PEFT adapter directory: fused adapters split per HF projection through the family table
     (lora_B runs the base weight's inverse op, e.g. q/k/v de-interleaving; lora_A is shared)."""
     lora = md.lora_export
-    mla = getattr(md, "multi_latent_attention", False)
     summary = Summary("saver_hf (PEFT adapter)")
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rank = None
     for layer in range(md.num_layers):
         msg = reader.get(P.layer_message(layer))
-        section = deepseek.layer_section(md, layer) if mla else dense.LAYER
+        section = layer_section(md, layer)
         prefix = section.prefix.format(layer=layer)
         for rel in section.active(md):
             if f"{rel.keys[0]} {LORA_B}" not in msg:
@@ -125,6 +131,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     md.learned_absolute = md.position_embedding_type == "learned_absolute"
     if md.learned_absolute:
         raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")
+    if md.num_experts and not getattr(md, "multi_latent_attention", False):
+        qwen3_moe.check(md)
     check_target(args.save_dir, args.overwrite)
     cfg = output_config(args, md)
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
@@ -153,10 +161,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
                         writer.add(name, tensor)
 
         emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
-        mla = getattr(md, "multi_latent_attention", False)
         for layer in progress(range(md.num_layers), md.num_layers, "saver_hf"):
-            section = deepseek.layer_section(md, layer) if mla else dense.LAYER
-            emit_layer(P.layer_message(layer), layer, section, P.layer_shapes(md, layer))
+            emit_layer(P.layer_message(layer), layer, layer_section(md, layer), P.layer_shapes(md, layer))
         emit(reader.get(P.FINAL_NORM), dense.FINAL_NORM)
         if md.output_layer:
             emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)

@@ -183,7 +183,7 @@ def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int |
             md.first_k_dense_replace = freq.index(1) if isinstance(freq, list) and 1 in freq else 0
         for field in MOE_FIELDS:
             setattr(md, field, getattr(a, field, None))
-    return md
+    return P.normalize_metadata(md)
 
 
 class McoreLoader:

@@ -37,6 +37,7 @@ class Param:
 
 
 TE = "transformer_engine"
+SHARED = "moe_shared_expert_intermediate_size"  # None or 0 (Qwen3-MoE): no shared expert
 
 
 def attention_params(md: Any, impl: str, whole_mla_down: bool = False) -> tuple[Param, ...]:
@@ -76,14 +77,15 @@ def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
 
 
 def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
-    """The MLP of one layer without its routed experts: dense MLP, or router + shared expert."""
+    """The MLP of one layer without its routed experts: dense MLP, or router (+ expert bias, + shared
+    expert, each only when the metadata says the model has it)."""
     if moe:  # the TE spec keeps pre_mlp_layernorm separate for MoE layers
         return (
             Param("pre_mlp_layernorm.weight", (P.POST_NORM_W,), REPLICATED),
             Param("mlp.router.weight", (P.ROUTER_W,), REPLICATED),
-            Param("mlp.router.expert_bias", (P.ROUTER_BIAS,), REPLICATED, fp32=True),
-            Param("mlp.shared_experts.linear_fc1.weight", (P.SHARED_FC1_GATE_W, P.SHARED_FC1_UP_W), GATED),
-            Param("mlp.shared_experts.linear_fc2.weight", (P.SHARED_FC2_W,), ROW),
+            Param("mlp.router.expert_bias", (P.ROUTER_BIAS,), REPLICATED, ("moe_router_enable_expert_bias",), fp32=True),
+            Param("mlp.shared_experts.linear_fc1.weight", (P.SHARED_FC1_GATE_W, P.SHARED_FC1_UP_W), GATED, (SHARED,)),
+            Param("mlp.shared_experts.linear_fc2.weight", (P.SHARED_FC2_W,), ROW, (SHARED,)),
         )
     norm = "mlp.linear_fc1.layer_norm_" if impl == TE else "pre_mlp_layernorm."
     return (

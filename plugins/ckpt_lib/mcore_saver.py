@@ -147,7 +147,7 @@ class McoreSaver:
             sizes += [("moe_ffn_hidden_size", md.moe_ffn_hidden_size),
                       ("moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size)]
         for what, size in sizes:
-            if size % tp:
+            if size is not None and size % tp:  # None: no shared expert
                 raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")
         ep = self.target[2]
         if ep > 1 and not self.num_experts:

@@ -287,6 +287,8 @@ def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
     for field, value in defaults.items():
         if not hasattr(md, field):
             setattr(md, field, value)
+    if md.num_experts and getattr(md, "moe_router_enable_expert_bias", None) is None:
+        md.moe_router_enable_expert_bias = True  # as layer_shapes: only an explicit False drops the bias
     return md
 
 
