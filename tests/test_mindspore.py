@@ -280,3 +280,21 @@ def test_qwen3_moe_tp2ep2_logits_match_transformers_and_round_trip(tmp_path):
     assert diff < 1e-4
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "hf")
     assert_same_tensors(read_safetensors_dir(FIXTURES / "hf_qwen3_moe"), read_safetensors_dir(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("value", [False, None])
+def test_qwen3_moe_without_renormalised_top_k_is_refused(tmp_path, value):
+    """norm_topk_prob false (also transformers' default when absent) routes differently from megatron-core."""
+    import json
+
+    cfg = json.loads((FIXTURES / "hf_qwen3_moe" / "config.json").read_text())
+    if value is None:
+        del cfg["norm_topk_prob"]
+    else:
+        cfg["norm_topk_prob"] = value
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(cfg))
+    result = convert_cli("--loader", "core_mf", "--saver", "hf", "--load-dir", str(FIXTURES / "qwen3_moe"), "--save-dir",
+                         str(tmp_path / "hf"), "--model-config", str(tmp_path / "cfg"))
+    assert result.returncode != 0 and "norm_topk_prob false" in result.stderr
+    assert not (tmp_path / "hf").exists()

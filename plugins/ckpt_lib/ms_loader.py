@@ -263,6 +263,7 @@ def infer_moe_metadata(source: SafetensorsSource, names: list[str], args: argpar
     elif cfg.get("model_type") == "qwen3_moe":
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise ConversionError("config.json: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
+        deepseek.check_normalised_top_k(cfg, default=False)
         md = dense.metadata_from_hf(cfg, dtype, "qwen3")
         md.num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         md.moe_ffn_hidden_size, md.moe_shared_expert_intermediate_size = cfg["moe_intermediate_size"], None

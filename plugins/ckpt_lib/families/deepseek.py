@@ -97,11 +97,21 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_lay
     md.moe_router_group_topk = cfg.get("topk_group")
     md.moe_router_topk_scaling_factor = cfg.get("routed_scaling_factor")
     md.moe_router_score_function = cfg.get("scoring_func", "sigmoid")
+    check_normalised_top_k(cfg, default=True)
     md.moe_router_enable_expert_bias = True
     md.mtp_num_layers = mtp_num_layers
     if not shared:
         raise ConversionError("config.json: n_shared_experts must be >= 1 for the DeepSeek-V3 layout")
     return md
+
+
+def check_normalised_top_k(cfg: dict[str, Any], default: bool) -> None:
+    """Megatron-core renormalises the top-k routing weights (softmax after top-k; sigmoid scores divided
+    by their sum), which is HF's `norm_topk_prob: true`; false would convert silently into other routing.
+    `default` is transformers' default for the family when the key is absent."""
+    if cfg.get("norm_topk_prob", default) is not True:
+        raise ConversionError("config.json: norm_topk_prob false (top-k weights not renormalised) has no megatron-core "
+                              "equivalent here; only norm_topk_prob true is converted")
 
 
 def layer_section(md: argparse.Namespace, layer: int) -> Section:
