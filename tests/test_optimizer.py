@@ -3,9 +3,14 @@ Adam), saved in Megatron-LM's legacy layout, read back per parameter, resharded 
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
+from ckpt_lib.errors import ConversionError
 from ckpt_lib.mcore_trainer import TrainSpec, train
+from ckpt_lib.optimizer_state import read_optimizer_state, write_optimizer_state
 from util import convert_inprocess, make_hf_model
 
 TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local")
@@ -31,3 +36,49 @@ def test_trainer_saves_megatron_legacy_layout(tmp_path):
     after = torch.load(tmp_path / "run/iter_0000002/mp_rank_00_000/model_optim_rng.pt", weights_only=False)["model"]
     key = "decoder.layers.0.self_attention.linear_qkv.weight"
     assert not torch.equal(before[key], after[key])
+
+
+def _relative(a: dict, b: dict) -> dict[str, float]:
+    assert sorted(a) == sorted(b)
+    worst: dict[str, float] = {}
+    for name in a:
+        for key in a[name]:
+            d = ((a[name][key] - b[name][key]).abs().max() / a[name][key].abs().max()).item()
+            worst[key] = max(worst.get(key, 0.0), d)
+    return worst
+
+
+def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path):
+    """3 steps at TP2xPP2, resharded to TP1xPP4 with the optimizer state, 1 more step: the weights
+    (fp32 main params) and Adam moments equal those of 4 uninterrupted steps at TP2xPP2."""
+    make_hf_model("llama", tmp_path / "hf")
+    convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "init", *TP2PP2, "--make-vocab-size-divisible-by", "1")
+    train(tmp_path / "init", tmp_path / "run", TrainSpec(steps=4, save_at=(3,), save_rng=False))
+    run3 = tmp_path / "run3"
+    shutil.copytree(tmp_path / "run/iter_0000003", run3 / "iter_0000003")
+    (run3 / "latest_checkpointed_iteration.txt").write_text("3\n")
+    state = read_optimizer_state(run3)
+    tp1 = next(v for k, v in state["params"].items() if k.endswith("layers.0.self_attention.linear_qkv.weight"))
+    assert tp1["param"].shape == (128, 64)  # gathered over TP
+    convert_inprocess("core_ext", "core_ext", run3, tmp_path / "conv", "--target-tensor-parallel-size", "1",
+                      "--target-pipeline-parallel-size", "4", "--saver-transformer-impl", "local")
+    notices: list[str] = []
+    write_optimizer_state(tmp_path / "conv", state, report=notices.append)
+    assert notices == ["optimizer state: RNG state not carried (the parallel layout changed); resume with --no-load-rng"]
+    assert _relative(state["params"], read_optimizer_state(tmp_path / "conv")["params"]) == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    train(tmp_path / "conv", tmp_path / "resumed", TrainSpec(steps=1, load_optim=True, save_rng=False))
+    resumed = torch.load(tmp_path / "resumed/iter_0000004/mp_rank_00_003/model_optim_rng.pt", weights_only=False)
+    assert resumed["opt_param_scheduler"]["num_steps"] == 16
+    errors = _relative(read_optimizer_state(tmp_path / "run")["params"], read_optimizer_state(tmp_path / "resumed")["params"])
+    print("resume errors (max abs / max):", errors)
+    assert max(errors.values()) < 1e-6, errors
+
+    # A corrupted or mismatched optimizer file fails with a clear message.
+    optim = run3 / "iter_0000003/mp_rank_01_001/distrib_optim.pt"
+    other = torch.load(run3 / "iter_0000003/mp_rank_00_000/distrib_optim.pt", weights_only=False)
+    torch.save(other, optim)
+    with pytest.raises(ConversionError, match="megatron-core lays this rank's buffer out"):
+        read_optimizer_state(run3)
+    optim.write_bytes(optim.read_bytes()[:1000])
+    with pytest.raises(ConversionError, match="cannot read optimizer state"):
+        read_optimizer_state(run3)

@@ -175,8 +175,10 @@ def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> 
     return spec
 
 
-def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: int, vp_stage: int | None) -> Any:
-    """The GPTModel (chunk) of one pipeline stage, as Megatron-LM builds it from `args`."""
+def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: int, vp_stage: int | None,
+                parallel_output: bool = False) -> Any:
+    """The GPTModel (chunk) of one pipeline stage, as Megatron-LM builds it from `args` (full-vocabulary
+    logits unless `parallel_output`, which training needs: the loss edits the logits in place)."""
     from megatron.core.models.gpt import GPTModel
 
     spec = _local_spec(config, args, vp_stage)
@@ -189,7 +191,7 @@ def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: i
     return GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                     pre_process=stage == 0, post_process=last,
                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                    position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=False,
+                    position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=parallel_output,
                     vp_stage=vp_stage, mtp_block_spec=mtp_spec)
 
 
@@ -260,7 +262,7 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     torch.distributed.destroy_process_group()
 
 
-def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: str) -> list[Any]:
+def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: str, parallel_output: bool = False) -> list[Any]:
     """This rank's model chunks built from `args` and loaded strictly from its file (or torch_dist)."""
     from megatron.core import parallel_state as ps
 
@@ -272,7 +274,7 @@ def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: 
     models = []
     for v in range(chunks):
         stage = v * pp + pp_rank
-        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None)
+        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None, parallel_output)
         state = _load_torch_dist(model, it_dir) if torch_dist else ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

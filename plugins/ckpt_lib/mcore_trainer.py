@@ -63,6 +63,7 @@ class TrainSpec:
     bf16: bool = False
     save_at: tuple[int, ...] = ()  # iterations to checkpoint at (the last step is always saved)
     load_optim: bool = False  # resume optimizer, scheduler and RNG from the loaded checkpoint
+    save_rng: bool = True  # False: Megatron-LM's --no-save-rng
     data_seed: int = 1234
 
 
@@ -94,7 +95,7 @@ def _train_args(args: argparse.Namespace, spec: TrainSpec) -> argparse.Namespace
     out.params_dtype = torch.bfloat16 if spec.bf16 else torch.float32
     out.micro_batch_size, out.global_batch_size, out.seq_length = spec.micro_batch, spec.global_batch, spec.seq_length
     out.lr, out.min_lr, out.weight_decay, out.clip_grad = spec.lr, spec.min_lr, spec.weight_decay, spec.clip_grad
-    out.no_save_optim = out.no_save_rng = None
+    out.no_save_optim, out.no_save_rng = None, not spec.save_rng
     out.data_parallel_random_init = False
     out.ckpt_format = "torch"
     return out
@@ -108,9 +109,28 @@ def _rng_state() -> list[dict[str, Any]]:
              "rng_tracker_states": {}}]
 
 
+def _patch_torch_adam_resume() -> None:
+    """megatron-core 0.16.1 bug without Apex/TE: torch's Adam keeps a per-parameter `step` that
+    `DistributedOptimizer.load_state_dict` puts into the state, and `load_parameter_state` then
+    copies every state key from the file, which has none (KeyError 'step'). The step is already
+    set from the param groups, so it is kept as is."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self: Any, model_param: Any, tensors: dict[str, torch.Tensor]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        original(self, model_param, tensors if step is None else {**tensors, "step": step})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def _worker(rank: int, world: int, port: int, load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int, int]) -> None:
     warnings.filterwarnings("ignore")
     _patch_cpu()
+    _patch_torch_adam_resume()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     with CudaAsCpu():
@@ -139,11 +159,13 @@ def _train(load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank() if ep > 1 else 0
     name = _rank_name(tp_rank, pp_rank, ep_rank, pp, ep)
-    config = _config(args, _layout_list(args))
+    # Initialized as Megatron-LM does (then overwritten by the checkpoint): megatron-core sets the
+    # TP attributes the grad norm relies on only while initializing.
+    config = dataclasses.replace(_config(args, _layout_list(args)), perform_initialization=True)
     if spec.bf16:
         config = dataclasses.replace(config, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     torch.manual_seed(0)
-    chunks_models = load_rank_models(args, config, it_dir, name)
+    chunks_models = load_rank_models(args, config, it_dir, name, parallel_output=True)
     if spec.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -165,8 +187,16 @@ def _train(load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int
     iteration = 0
     if spec.load_optim:
         iteration = src["iteration"]
-        optimizer.load_state_dict(src["optimizer"])
-        optimizer.load_parameter_state(str(it_dir / name / "distrib_optim.pt"))
+        # no_grad: with fp32 params the main params are views of the (grad-requiring) model
+        # params, which megatron-core's load_parameter_state copies into in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(src["optimizer"])
+            optimizer.load_parameter_state(str(it_dir / name / "distrib_optim.pt"))
+        # megatron-core 0.16.1 without Apex/TE: load_state_dict gives every parameter the same
+        # `step` tensor, which torch's Adam then increments once per parameter.
+        for inner in optimizer.chained_optimizers:
+            for param_state in inner.optimizer.state.values():
+                param_state["step"] = param_state["step"].clone()
         scheduler.load_state_dict(src["opt_param_scheduler"])
         if "rng_state" in src:
             state = src["rng_state"][0]
@@ -223,7 +253,8 @@ def _save(root: Path, iteration: int, args: argparse.Namespace, model: list[Any]
         state["model" if len(model) == 1 else f"model{i}"] = m.state_dict_for_save_checkpoint()
     state["optimizer"] = optimizer.state_dict()
     state["opt_param_scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_state()
+    if not args.no_save_rng:
+        state["rng_state"] = _rng_state()
     state["num_floating_point_operations_so_far"] = 0
     if dp_rank == 0:
         rank_dir.mkdir(parents=True, exist_ok=True)
