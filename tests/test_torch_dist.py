@@ -22,7 +22,11 @@ from util import (
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)]
 
 
-def test_dense_torch_dist_loads_at_any_layout(tmp_path):
+def test_dense_torch_dist_loads_at_any_layout(tmp_path, monkeypatch):
+    """Written tensor by tensor into several data files."""
+    from ckpt_lib import torch_dist
+
+    monkeypatch.setattr(torch_dist, "FILE_BYTES", 100_000)
     model = make_hf_model("qwen3", tmp_path / "hf")
     convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "td", "--ckpt-format", "torch_dist",
                       "--target-tensor-parallel-size", "2")
@@ -52,8 +56,11 @@ def test_dense_torch_dist_round_trips_bit_exact(tmp_path):
                             {k: v for k, v in legacy[rank].items() if not k.endswith("_extra_state")})
 
 
-def test_deepseek_torch_dist_with_mtp(tmp_path):
+def test_deepseek_torch_dist_with_mtp(tmp_path, monkeypatch):
     """MLA + MoE + MTP: one torch_dist checkpoint, loaded by megatron-core at TP2 and at PP2 x EP2."""
+    from ckpt_lib import torch_dist
+
+    monkeypatch.setattr(torch_dist, "FILE_BYTES", 200_000)
     model, mtp = make_deepseek_model(tmp_path / "hf")
     convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "td", "--ckpt-format", "torch_dist",
                       "--mtp-num-layers", "1")

@@ -16,7 +16,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .manifest import Manifest
+from .manifest import Manifest, describe
 from .mcore_names import (
     EMBEDDING_PARAMS,
     FINAL_NORM_PARAMS,
@@ -91,7 +91,7 @@ class McoreSaver:
         # torch_dist stores whole tensors: split at TP/PP/EP 1, record the target sizes in args.
         self.torch_dist = getattr(args, "ckpt_format", "torch") == "torch_dist"
         self.target = (self.tp, self.pp, self.ep)
-        self.whole: dict[str, torch.Tensor] = {}
+        self.dist_writer: Any = None  # a torch_dist.TorchDistWriter once the vocabulary size is known
         self.num_experts = md.num_experts or 0
         self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
         noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
@@ -259,8 +259,14 @@ class McoreSaver:
     def _flush(self, pp_rank: int, root: Path) -> None:
         """Write what a pipeline rank has received into its rank files and drop it from memory."""
         if self.torch_dist:
+            if self.dist_writer is None:
+                from .torch_dist import TorchDistWriter
+
+                self.dist_writer = TorchDistWriter(self._args_namespace(), self.md.iteration, root)
             for chunk in self.state.get(pp_rank, [[[{}]]])[0][0]:
-                self.whole.update(chunk)
+                self.manifest.tensors.setdefault(root.name, {}).update(describe(chunk))
+                for name, tensor in chunk.items():
+                    self.dist_writer.add(name, tensor)
                 chunk.clear()
             return
         for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
@@ -289,11 +295,8 @@ class McoreSaver:
             self.manifest.hash_soon(writer.path)
 
     def write_torch_dist(self, root: Path) -> None:
-        """The whole model through megatron-core's dist_checkpointing (see torch_dist)."""
-        from . import torch_dist
-
-        self.manifest.record(root.name, self.whole)
-        torch_dist.save(self.whole, self._args_namespace(), self.md.iteration, root)
+        """Finish the torch_dist checkpoint (see torch_dist.TorchDistWriter)."""
+        self.dist_writer.close()
         for f in root.rglob("*"):
             if f.is_file():
                 self.summary.add_file(f.stat().st_size)

@@ -8,8 +8,8 @@ the meta device (no memory) at TP1/PP1/EP1 gives `sharded_state_dict()`, and at 
 local tensors are exactly the whole tensors this converter produces. Saving and loading go through
 `dist_checkpointing.save` / `load`, in a one-process gloo group.
 
-Memory: save and load are single calls here, so the whole model is held at once (unlike the
-legacy `torch` format, which is written with constant memory).
+Memory: writing streams tensor by tensor (see TorchDistWriter); loading reads the whole model in
+one `dist_checkpointing.load`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import pickle
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import torch
 from .errors import ConversionError
 
 COMMON = "common.pt"
+FILE_BYTES = 1 << 30  # size of each .distcp data file
 METADATA = "metadata.json"
 
 
@@ -87,29 +89,106 @@ def _is_tensor_entry(value: Any) -> bool:
     return isinstance(value, (ShardedTensor, ShardedTensorFactory))
 
 
-def save(state: dict[str, torch.Tensor], ns: argparse.Namespace, iteration: int | str, directory: Path) -> None:
-    """Write `state` (TP1/PP1 megatron-core local names -> whole tensors) as a torch_dist checkpoint;
-    every tensor of the model must be present and nothing else."""
-    _quiet()
-    from megatron.core import dist_checkpointing
+class TorchDistWriter:
+    """A torch_dist checkpoint written tensor by tensor, so memory holds a layer, not the model.
 
-    with megatron_session():
-        sharded = template(ns)
-        for name, entry in sharded.items():
-            if not _is_tensor_entry(entry):
-                continue
-            if name not in state:
-                raise ConversionError(f"torch_dist: megatron-core's model has {name}, which the conversion did not produce")
-            tensor = state.pop(name)
-            if tuple(tensor.shape) != tuple(entry.data.shape):
-                raise ConversionError(f"torch_dist: {name} has shape {list(tensor.shape)}, megatron-core expects "
-                                      f"{list(entry.data.shape)}")
-            entry.data = tensor
-        if state:
-            raise ConversionError(f"torch_dist: megatron-core's model has no {sorted(state)[0]}")
-        common = {"args": ns, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
+    A key of megatron-core's sharded state dict spans many tensors (all layers of a stacked key), so
+    one `dist_checkpointing.save` per layer is not possible; instead each tensor is written as soon as
+    it arrives, in torch.distributed.checkpoint's own file format (`torch.save` of each chunk,
+    appended to `.distcp` files, with the chunk's global offsets and sizes taken from megatron-core's
+    ShardedTensor for it). `close` lets `dist_checkpointing.save` write what is not a tensor (the
+    common state, `_extra_state` objects), then adds the tensors' entries to its `.metadata`. The
+    result loads with `dist_checkpointing.load` at any layout (tests check TP/PP/EP and logits).
+    """
+
+    def __init__(self, ns: argparse.Namespace, iteration: int | str, directory: Path) -> None:
+        _quiet()
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        self.ns, self.iteration, self.directory = ns, iteration, directory
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(megatron_session())
+        self.template = template(ns)
+        self.metadata = Metadata(state_dict_metadata={}, storage_data={})
+        self.written: set[str] = set()
+        self._file: Any = None
+        self._file_name = ""
+        self._files = 0
         directory.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save({"model": sharded, **common}, str(directory))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+        entry = self.template.get(name)
+        if entry is None or not _is_tensor_entry(entry):
+            raise ConversionError(f"torch_dist: megatron-core's model has no {name}")
+        if tuple(tensor.shape) != tuple(entry.data.shape):
+            raise ConversionError(f"torch_dist: {name} has shape {list(tensor.shape)}, megatron-core expects {list(entry.data.shape)}")
+        entry.data = tensor
+        shards = list(nested_values(entry.build())) if isinstance(entry, ShardedTensorFactory) else [entry]
+        for shard in shards:
+            self._write_chunk(shard)
+        entry.data = None
+        self.written.add(name)
+
+    def _write_chunk(self, shard: Any) -> None:
+        """One chunk: `torch.save` of the local tensor with the prepended axes, as megatron-core's
+        torch_dist strategy hands it to torch.distributed.checkpoint."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        if self._file is None or self._file.tell() >= FILE_BYTES:
+            self._next_file()
+        sizes = (1,) * shard.prepend_axis_num + tuple(shard.local_shape)
+        data = shard.data.reshape(sizes)
+        if data.untyped_storage().nbytes() != data.nbytes or data.storage_offset():
+            data = data.clone()  # torch.save writes a view's whole storage
+        offset = self._file.tell()
+        torch.save(data, self._file)
+        offsets = torch.Size(shard.global_offset)
+        entry = self.metadata.state_dict_metadata.get(shard.key)
+        if entry is None:
+            entry = TensorStorageMetadata(TensorProperties(dtype=data.dtype), torch.Size(shard.global_shape), [])
+            self.metadata.state_dict_metadata[shard.key] = entry
+        entry.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(sizes)))
+        self.metadata.storage_data[MetadataIndex(shard.key, offsets)] = _StorageInfo(
+            self._file_name, offset, self._file.tell() - offset)
+
+    def _next_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file_name = f"__0_tensors{self._files}.distcp"
+        self._files += 1
+        self._file = open(self.directory / self._file_name, "wb")  # noqa: SIM115 - closed in _next_file / close
+
+    def close(self) -> None:
+        """Check completeness, let megatron-core write the common state and `_extra_state` objects,
+        then add the tensors to its `.metadata`."""
+        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            if self._file is not None:
+                self._file.close()
+            missing = [n for n, e in self.template.items() if _is_tensor_entry(e) and n not in self.written]
+            if missing:
+                raise ConversionError(f"torch_dist: megatron-core's model has {missing[0]}, which the conversion did not produce")
+            objects = {n: e for n, e in self.template.items() if not _is_tensor_entry(e)}
+            common = {"args": self.ns, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else self.iteration}
+            dist_checkpointing.save({"model": objects, **common}, str(self.directory), validate_access_integrity=False)
+        finally:
+            self._session.close()
+        metadata = FileSystemReader(str(self.directory)).read_metadata()
+        metadata.state_dict_metadata.update(self.metadata.state_dict_metadata)
+        metadata.storage_data.update(self.metadata.storage_data)
+        with open(self.directory / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
 
 
 def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
