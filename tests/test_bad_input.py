@@ -233,3 +233,19 @@ def test_fuzzed_headers_fail_cleanly(tmp_path, hf_dir):
         except ConversionError:
             clean += 1
     assert tries >= 50 and clean > 0
+
+
+def test_training_checkpoint_with_rng_state_is_read(tmp_path, hf_dir):
+    """Megatron-LM's training checkpoints pickle numpy's RNG state in `rng_state`: admitted (inert data)."""
+    import random
+
+    import numpy as np
+
+    assert to_mcore(hf_dir, tmp_path / "mc").returncode == 0
+    f = next((tmp_path / "mc").glob("*/mp_rank_00/model_optim_rng.pt"))
+    ckpt = torch.load(f, weights_only=False)
+    ckpt["rng_state"] = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                          "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
+    torch.save(ckpt, f)
+    result = convert_cli("--loader", "core_ext", "--saver", "hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr

@@ -142,15 +142,24 @@ class _Opaque:
         self.state = state
 
 
-def _stand_ins(path: Path) -> list[Any]:
-    allowed: list[Any] = [argparse.Namespace]
+def safe_globals_for(path: Path) -> list[Any]:
+    """What a Megatron checkpoint may pickle besides tensors: `args`, numpy's RNG state inside
+    `rng_state` (training checkpoints), and Megatron's enums/dataclasses inside `args`, admitted as
+    inert stand-ins. Anything else is refused."""
+    import numpy as np
+
+    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype,
+                          (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+                          (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    known = {"argparse.Namespace", "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+             "numpy.core.multiarray._reconstruct"} | {f"numpy.dtypes.{n}" for n in dir(np.dtypes)}
     for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
-        if name == "argparse.Namespace":
+        if name in known:
             continue
         if not name.startswith(("megatron.", "mindspeed", "transformer_engine.", "enum.")):
             raise ConversionError(f"{path}: refusing to unpickle {name}; it is not a plain Megatron checkpoint")
-        stand_in = type(name.rsplit(".", 1)[-1], (_Opaque,), {})
-        allowed.append((stand_in, name))
+        allowed.append((type(name.rsplit(".", 1)[-1], (_Opaque,), {}), name))
     return allowed
 
 
@@ -159,7 +168,7 @@ def load_rank_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{path}: missing rank file")
     try:
-        with torch.serialization.safe_globals(_stand_ins(path)):
+        with torch.serialization.safe_globals(safe_globals_for(path)):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except ConversionError:
         raise

@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 from . import sharding
 from .errors import ConversionError
-from .megatron_io import RANK_FILE, TRACKER, _Opaque, find_iteration_dir, iteration_dir_name, rank_dir_name
+from .megatron_io import RANK_FILE, TRACKER, find_iteration_dir, iteration_dir_name, rank_dir_name, safe_globals_for
 
 OPTIM_FILE = "distrib_optim.pt"
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -172,25 +172,12 @@ def _data_parallel_size(args: argparse.Namespace) -> int:
 
 # ---- reading ----
 
-def _safe_globals(path: Path) -> list[Any]:
-    """What a training checkpoint may pickle besides tensors: `args`, numpy's RNG state in
-    `rng_state`, and Megatron enums/dataclasses inside `args` (kept as inert stand-ins)."""
-    import numpy as np
-
-    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype, (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
-    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
-        if name.startswith(("megatron.", "mindspeed", "transformer_engine.", "enum.")):
-            allowed.append((type(name.rsplit(".", 1)[-1], (_Opaque,), {}), name))
-    return allowed
-
-
 def _load(path: Path) -> Any:
     """A rank or optimizer file, read with `weights_only` (no code runs)."""
     if not path.is_file():
         raise ConversionError(f"{path} is missing")
     try:
-        with torch.serialization.safe_globals(_safe_globals(path)):
+        with torch.serialization.safe_globals(safe_globals_for(path)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zips and pickles raise several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
