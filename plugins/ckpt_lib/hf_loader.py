@@ -64,6 +64,11 @@ def read_config(load_dir: Path) -> dict[str, Any]:
     path = load_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"--load-dir {load_dir}: missing config.json")
+    return read_json(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or one error line naming it."""
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

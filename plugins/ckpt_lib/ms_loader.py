@@ -28,7 +28,7 @@ from . import protocol as P
 from .errors import ConversionError
 from .families import Section, deepseek, dense
 from .families import mindspore as ms
-from .hf_loader import Step, dense_plan, stream, validate
+from .hf_loader import Step, dense_plan, read_json, stream, validate
 from .safetensors_io import SafetensorsSource
 
 LAYER_INDEX = re.compile(r"^(?:decoder|model)\.layers\.(\d+)\.")
@@ -239,10 +239,7 @@ def read_model_config(path: str | None) -> dict[str, Any]:
     file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise ConversionError(f"--model-config {path}: no config.json there")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file}: invalid JSON ({e})") from None
+    return read_json(file)
 
 
 def infer_moe_metadata(source: SafetensorsSource, names: list[str], args: argparse.Namespace) -> tuple[argparse.Namespace, ms.MoeTables]:
