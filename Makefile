@@ -27,7 +27,7 @@ lint: env
 	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py verify.py
 
 bench: env
-	$(PY) bench/bench_dense.py
+	$(PY) bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV) demo_out
