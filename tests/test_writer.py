@@ -42,3 +42,16 @@ def test_single_chunk_is_stored_as_model(tmp_path):
     writer.close(argparse.Namespace(), "release")
     state = torch.load(tmp_path / "f.pt", weights_only=False)
     assert state["iteration"] == 0 and torch.equal(state["model"]["w"], torch.ones(2, 2))
+
+
+def test_reading_a_rank_file_keeps_megatrons_allowed_globals(tmp_path):
+    """torch's safe_globals context drops on exit what it was given; reading a rank file must not strip
+    what megatron.core registered, or its own loads (torch_dist common.pt) fail later (seen in CI)."""
+    import megatron.core  # noqa: F401  registers argparse.Namespace and friends
+
+    writer = RankFileWriter(tmp_path / "f.pt", 1)
+    writer.add(0, "w", torch.ones(2))
+    writer.close(argparse.Namespace(), 1)
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    load_rank_file(tmp_path / "f.pt")
+    assert argparse.Namespace in torch.serialization.get_safe_globals()

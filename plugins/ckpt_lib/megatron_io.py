@@ -160,7 +160,9 @@ def safe_globals_for(path: Path) -> list[Any]:
         if not name.startswith(("megatron.", "mindspeed", "transformer_engine.", "enum.")):
             raise ConversionError(f"{path}: refusing to unpickle {name}; it is not a plain Megatron checkpoint")
         allowed.append((type(name.rsplit(".", 1)[-1], (_Opaque,), {}), name))
-    return allowed
+    # torch's safe_globals context removes on exit what it was given: leave megatron's registrations alone
+    registered = set(torch.serialization.get_safe_globals())
+    return [g for g in allowed if (g[0] if isinstance(g, tuple) else g) not in registered]
 
 
 def load_rank_file(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError
+from .megatron_io import safe_globals_for
 
 COMMON = "common.pt"
 FILE_BYTES = 1 << 30  # size of each .distcp data file
@@ -196,8 +197,11 @@ def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
     _quiet()
     from megatron.core import dist_checkpointing
 
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(directory))
+    try:  # megatron's own allow-list may have been reset by an enclosing safe_globals context: bring ours
+        with torch.serialization.safe_globals(safe_globals_for(directory / COMMON)):
+            common = dist_checkpointing.load_common_state_dict(str(directory))
+    except ConversionError:
+        raise
     except Exception as e:  # megatron raises several types for a damaged common.pt
         raise ConversionError(f"{directory / COMMON}: cannot read ({type(e).__name__}: {e})") from None
     ns = common.get("args")

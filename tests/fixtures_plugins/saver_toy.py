@@ -5,11 +5,6 @@ import sys
 
 import torch
 
-try:  # present when install.py copied the test pack's ckpt_lib next to it
-    from ckpt_lib.toy_marker import MARK
-except ImportError:
-    MARK = None
-
 
 def add_arguments(parser):
     parser.add_argument_group(title="saver_toy").add_argument("--toy-note", default="", help="Stored in the output")
@@ -28,5 +23,5 @@ def save_checkpoint(queue, args):
             break
         tensors[msg["name"]] = msg["weight"].clone()
     os.makedirs(args.save_dir, exist_ok=True)
-    out = {"metadata": vars(md), "tensors": tensors, "note": args.toy_note, "mark": MARK}
+    out = {"metadata": vars(md), "tensors": tensors, "note": args.toy_note}
     torch.save(out, os.path.join(args.save_dir, "toy.pt"))
