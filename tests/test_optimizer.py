@@ -8,12 +8,13 @@ import shutil
 import pytest
 import torch
 
-from ckpt_lib.errors import ConversionError
+from ckpt_lib import manifest
 from ckpt_lib.mcore_trainer import TrainSpec, train
-from ckpt_lib.optimizer_state import read_optimizer_state, write_optimizer_state
-from util import convert_inprocess, make_hf_model
+from ckpt_lib.optimizer_state import read_optimizer_state
+from util import convert_cli, convert_inprocess, make_hf_model
 
 TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local")
+TP1PP4 = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4", "--saver-transformer-impl", "local")
 
 
 def test_trainer_saves_megatron_legacy_layout(tmp_path):
@@ -48,9 +49,10 @@ def _relative(a: dict, b: dict) -> dict[str, float]:
     return worst
 
 
-def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path):
-    """3 steps at TP2xPP2, resharded to TP1xPP4 with the optimizer state, 1 more step: the weights
-    (fp32 main params) and Adam moments equal those of 4 uninterrupted steps at TP2xPP2."""
+def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path, capsys):
+    """3 steps at TP2xPP2, converted to TP1xPP4 by core_ext -> core_ext (the loader sends the
+    optimizer state as one message, the saver writes it), 1 more step: the weights (fp32 main
+    params) and Adam moments equal those of 4 uninterrupted steps at TP2xPP2."""
     make_hf_model("llama", tmp_path / "hf")
     convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "init", *TP2PP2, "--make-vocab-size-divisible-by", "1")
     train(tmp_path / "init", tmp_path / "run", TrainSpec(steps=4, save_at=(3,), save_rng=False))
@@ -60,11 +62,12 @@ def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path):
     state = read_optimizer_state(run3)
     tp1 = next(v for k, v in state["params"].items() if k.endswith("layers.0.self_attention.linear_qkv.weight"))
     assert tp1["param"].shape == (128, 64)  # gathered over TP
-    convert_inprocess("core_ext", "core_ext", run3, tmp_path / "conv", "--target-tensor-parallel-size", "1",
-                      "--target-pipeline-parallel-size", "4", "--saver-transformer-impl", "local")
-    notices: list[str] = []
-    write_optimizer_state(tmp_path / "conv", state, report=notices.append)
-    assert notices == ["optimizer state: RNG state not carried (the parallel layout changed); resume with --no-load-rng"]
+    capsys.readouterr()
+    convert_inprocess("core_ext", "core_ext", run3, tmp_path / "conv", *TP1PP4)
+    assert "note: optimizer state: RNG state not carried (the parallel layout changed); resume with --no-load-rng" in capsys.readouterr().err
+    assert manifest.check(tmp_path / "conv") == []  # rank files rewritten after the weights: checksums redone
+    assert sorted(p.parent.name for p in (tmp_path / "conv/iter_0000003").glob("*/distrib_optim.pt")) == [
+        f"mp_rank_00_{p:03d}" for p in range(4)]
     assert _relative(state["params"], read_optimizer_state(tmp_path / "conv")["params"]) == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
     train(tmp_path / "conv", tmp_path / "resumed", TrainSpec(steps=1, load_optim=True, save_rng=False))
     resumed = torch.load(tmp_path / "resumed/iter_0000004/mp_rank_00_003/model_optim_rng.pt", weights_only=False)
@@ -73,12 +76,23 @@ def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path):
     print("resume errors (max abs / max):", errors)
     assert max(errors.values()) < 1e-6, errors
 
-    # A corrupted or mismatched optimizer file fails with a clear message.
+    # --no-save-optim: weights only.
+    convert_inprocess("core_ext", "core_ext", run3, tmp_path / "weights", *TP1PP4, "--no-save-optim")
+    assert "optimizer state not written (--no-save-optim)" in capsys.readouterr().err
+    assert not list((tmp_path / "weights").rglob("distrib_optim.pt"))
+    assert "optimizer" not in torch.load(tmp_path / "weights/iter_0000003/mp_rank_00_000/model_optim_rng.pt", weights_only=False)
+
+    # A mismatched or corrupted optimizer file fails the conversion with a clear message; nothing is written.
     optim = run3 / "iter_0000003/mp_rank_01_001/distrib_optim.pt"
-    other = torch.load(run3 / "iter_0000003/mp_rank_00_000/distrib_optim.pt", weights_only=False)
-    torch.save(other, optim)
-    with pytest.raises(ConversionError, match="megatron-core lays this rank's buffer out"):
-        read_optimizer_state(run3)
+    torch.save(torch.load(run3 / "iter_0000003/mp_rank_00_000/distrib_optim.pt", weights_only=False), optim)
+    with pytest.raises(SystemExit):
+        convert_inprocess("core_ext", "core_ext", run3, tmp_path / "bad", *TP1PP4)
+    assert "megatron-core lays this rank's buffer out" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     optim.write_bytes(optim.read_bytes()[:1000])
-    with pytest.raises(ConversionError, match="cannot read optimizer state"):
-        read_optimizer_state(run3)
+    result = convert_cli("--loader", "core_ext", "--saver", "core_ext", "--load-dir", str(run3), "--save-dir", str(tmp_path / "bad"), *TP1PP4)
+    assert result.returncode != 0 and "distrib_optim.pt: cannot read optimizer state" in result.stderr, result.stderr
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    # --no-load-optim converts the weights alone.
+    convert_inprocess("core_ext", "core_ext", run3, tmp_path / "bad", *TP1PP4, "--no-load-optim")
+    assert not list((tmp_path / "bad").rglob("distrib_optim.pt"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from . import protocol as P
 from . import sharding
 from .errors import ConversionError
 from .megatron_io import RANK_FILE, TRACKER, find_iteration_dir, iteration_dir_name, rank_dir_name, safe_globals_for
@@ -352,10 +354,28 @@ def _buffer_state(buf: dict[str, Any], params: dict[str, dict[str, torch.Tensor]
     return flat
 
 
-def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: int = 1, keep_rng: bool | None = None,
+# Settings of the source run that decide megatron-core's buffer layout (bucketing, grad dtype).
+DDP_FIELDS = ("accumulate_allreduce_grads_in_fp32", "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
+              "ddp_num_buckets", "ddp_pad_buckets_for_high_nccl_busbw", "overlap_param_gather_with_optimizer_step")
+
+
+def _training_args(args: argparse.Namespace, src: argparse.Namespace, dp: int) -> None:
+    """The target `args` completed with the source run's DDP settings and the target's DP size."""
+    for field in DDP_FIELDS:
+        if hasattr(src, field):
+            setattr(args, field, getattr(src, field))
+    ep = getattr(args, "expert_model_parallel_size", 1) or 1
+    if dp < 1 or dp % ep:
+        raise ConversionError(f"optimizer state: data-parallel size {dp} is not a multiple of the expert-parallel size {ep}")
+    args.data_parallel_size = dp
+    args.world_size = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * dp
+
+
+def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: int | None = None, keep_rng: bool | None = None,
                           report: Any = print) -> None:
     """Add the optimizer state read by `read_optimizer_state` to the legacy checkpoint in `save_dir`
-    (written by the converter at the target layout, `dp` data-parallel replicas): `distrib_optim.pt`
+    (written by the converter at the target layout, `dp` data-parallel replicas, default the
+    expert-parallel size): `distrib_optim.pt`
     per rank directory, and in each `model_optim_rng.pt` the `optimizer` hyper-parameter groups,
     `opt_param_scheduler`, `iteration` and `args.use_distributed_optimizer`. The RNG state is
     per rank, so it is carried only when TP, PP and EP are unchanged (`keep_rng=None`) and
@@ -365,11 +385,15 @@ def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: in
     grid = _grid(it_dir, args)
     ckpts = {rank: _load(path) for rank, path in grid.items()}
     src = state["args"]
+    dp = dp or getattr(args, "expert_model_parallel_size", 1) or 1
+    for target_args in [args] + [ckpt["args"] for ckpt in ckpts.values()]:
+        _training_args(target_args, src, dp)
     same_layout = all(getattr(src, f, 1) == getattr(args, f, 1) for f in
                       ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
-    keep_rng = same_layout if keep_rng is None else keep_rng
-    if not keep_rng:
-        report("optimizer state: RNG state not carried (the parallel layout changed); resume with --no-load-rng")
+    if keep_rng is None:
+        keep_rng = same_layout
+        if not same_layout:
+            report("optimizer state: RNG state not carried (the parallel layout changed); resume with --no-load-rng")
     layouts = buffer_layouts(args, dp)
     dense_groups, expert_groups, scaler = _param_groups(state["ranks"])
     tied = not getattr(args, "untie_embeddings_and_output_weights", False)
@@ -415,3 +439,88 @@ def _retarget_iteration(root: Path, it_dir: Path, iteration: int | None) -> None
     if target != it_dir:
         it_dir.rename(target)
     (root / TRACKER).write_text(f"{iteration}\n")
+
+
+# ---- converter wiring: the optional protocol message "optimizer state" ----
+
+MESSAGE_KEYS = ("params", "common", "args", "ranks")
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def add_loader_arguments(group: Any) -> None:
+    group.add_argument("--no-load-optim", action="store_true",
+                       help="Do not carry the source's distributed-optimizer state (distrib_optim.pt) to the saver")
+
+
+def add_saver_arguments(group: Any) -> None:
+    group.add_argument("--no-save-optim", action="store_true", help="Do not write the optimizer state the loader sends")
+    group.add_argument("--no-save-rng", action="store_true", help="Do not write the RNG state the loader sends")
+    group.add_argument("--target-data-parallel-size", type=int, default=None,
+                       help="Data-parallel size the target run will use; lays out distrib_optim.pt's buckets as "
+                            "megatron-core does for it (default: the target expert-parallel size, the smallest valid)")
+
+
+def loader_message(loader: Any) -> dict[str, Any] | None:
+    """The "optimizer state" message for a core_ext loader (`mcore_loader.McoreLoader`), or None
+    when there is none to carry or it cannot be carried (with a notice)."""
+    args = loader.args
+    if getattr(args, "no_load_optim", False) or loader.export:
+        return None
+    grid = loader.files.grid
+    missing = [path.parent / OPTIM_FILE for path in grid.values() if not (path.parent / OPTIM_FILE).exists()]
+    if len(missing) == len(grid):
+        legacy = all(path.name == RANK_FILE for path in grid.values())  # torch_dist: the iteration directory
+        if legacy and "optimizer" in loader.files.file(0, 0):
+            _note("optimizer state: only the distributed optimizer's state (distrib_optim.pt) is carried; this checkpoint's is not")
+        return None
+    reason = ("LoRA adapters are merged" if loader.found_adapters or loader.lora_files is not None else
+              "MindSpeed-LLM names" if loader.mindspeed or loader.tp_extend else None)
+    if reason:
+        _note(f"optimizer state not carried ({reason}); pass --no-load-optim to silence this")
+        return None
+    if getattr(args, "share", None) is not None:
+        raise ConversionError("the optimizer state is carried by a single-process conversion: drop --workers "
+                              "(or torchrun), or pass --no-load-optim")
+    if missing:
+        raise ConversionError(f"{missing[0]} is missing (other ranks have their distributed optimizer state); "
+                              "pass --no-load-optim to convert the weights alone")
+    return {"name": P.OPTIMIZER_STATE, **read_optimizer_state(args.load_dir)}
+
+
+def receive_message(msg: dict[str, Any] | None, reader: P.MessageReader) -> dict[str, Any] | None:
+    """The state of an "optimizer state" message (None: none sent), its keys checked."""
+    if msg is None:
+        return None
+    state = {key: P.take(msg, key) for key in MESSAGE_KEYS}
+    reader.finish(msg)
+    if not isinstance(state["params"], dict) or not isinstance(state["args"], argparse.Namespace):
+        raise ConversionError("optimizer state: malformed message")
+    return state
+
+
+def save_with(saver: Any, root: Path) -> None:
+    """Write the optimizer state a core_ext saver (`mcore_saver.McoreSaver`) received into its staged
+    output `root`, before the manifest is written and the output committed."""
+    state, args = getattr(saver, "optimizer", None), saver.args
+    if state is None:
+        return
+    saver.optimizer = None
+    if saver.share is not None:
+        raise ConversionError("the optimizer state is written by a single-process conversion: drop --workers (or torchrun)")
+    if saver.torch_dist:
+        _note("optimizer state not written: the torch_dist output carries weights only (use --ckpt-format torch)")
+        return
+    if getattr(args, "no_save_optim", False):
+        _note("optimizer state not written (--no-save-optim)")
+        return
+    if saver.naming != "megatron-core" or saver.grouped or getattr(args, "qlora_nf4", False):
+        raise ConversionError("optimizer state: written for megatron-core's own names only (drop --naming mindspeed, "
+                              "--moe-grouped-gemm, --qlora-nf4, or pass --no-save-optim / --no-load-optim)")
+    write_optimizer_state(root, state, dp=getattr(args, "target_data_parallel_size", None), keep_rng=False if getattr(args, "no_save_rng", False) else None, report=_note)
+    # The rank files were rewritten: checksums computed while the saver ran are stale.
+    for future in saver.manifest._hashing.values():
+        future.result()
+    saver.manifest._hashing.clear()
