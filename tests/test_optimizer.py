@@ -11,7 +11,7 @@ import torch
 from ckpt_lib import manifest
 from ckpt_lib.mcore_trainer import TrainSpec, train
 from ckpt_lib.optimizer_state import read_optimizer_state
-from util import convert_cli, convert_inprocess, make_hf_model
+from util import convert_cli, convert_inprocess, make_deepseek_model, make_hf_model
 
 TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local")
 TP1PP4 = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4", "--saver-transformer-impl", "local")
@@ -44,7 +44,7 @@ def _relative(a: dict, b: dict) -> dict[str, float]:
     worst: dict[str, float] = {}
     for name in a:
         for key in a[name]:
-            d = ((a[name][key] - b[name][key]).abs().max() / a[name][key].abs().max()).item()
+            d = ((a[name][key] - b[name][key]).abs().max() / a[name][key].abs().max().clamp_min(1e-30)).item()
             worst[key] = max(worst.get(key, 0.0), d)
     return worst
 
@@ -96,3 +96,31 @@ def test_reshard_tp2pp2_to_tp1pp4_resumes_like_uninterrupted(tmp_path, capsys):
     # --no-load-optim converts the weights alone.
     convert_inprocess("core_ext", "core_ext", run3, tmp_path / "bad", *TP1PP4, "--no-load-optim")
     assert not list((tmp_path / "bad").rglob("distrib_optim.pt"))
+
+
+def test_deepseek_ep2_to_ep1_resumes_like_uninterrupted(tmp_path):
+    """A tiny DeepSeek-V3 (MLA, 8 routed experts + 1 shared, sigmoid routing with expert bias, MTP
+    layer) trained 2 steps at TP1xPP2xEP2 (DP2), converted to TP1xPP1xEP1 (DP2) with its optimizer
+    state, 1 more step: main params and Adam moments equal 3 uninterrupted steps at TP1xPP2xEP2."""
+    make_deepseek_model(tmp_path / "hf")
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "hf", tmp_path / "init", "--saver-transformer-impl", "local",
+                      "--mtp-num-layers", "1", "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2",
+                      "--make-vocab-size-divisible-by", "1")
+    train(tmp_path / "init", tmp_path / "run", TrainSpec(dp=2, steps=3, save_at=(2,), save_rng=False))
+    run2 = tmp_path / "run2"
+    shutil.copytree(tmp_path / "run/iter_0000002", run2 / "iter_0000002")
+    (run2 / "latest_checkpointed_iteration.txt").write_text("2\n")
+    assert sorted(p.parent.name for p in run2.glob("iter_0000002/*/distrib_optim.pt")) == [
+        f"mp_rank_00_{p:03d}_{e:03d}" for p in range(2) for e in range(2)]
+    state = read_optimizer_state(run2)
+    expert = state["params"]["mtp.layers.0.transformer_layer.mlp.experts.local_experts.7.linear_fc1.weight"]
+    assert expert["exp_avg"].shape == (64, 64) and expert["exp_avg"].abs().max() > 0  # EP rank 1's last expert, [gate; up]
+    convert_inprocess("core_ext", "core_ext", run2, tmp_path / "conv", "--saver-transformer-impl", "local",
+                      "--target-pipeline-parallel-size", "1", "--target-expert-parallel-size", "1", "--target-data-parallel-size", "2")
+    converted = torch.load(tmp_path / "conv/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    assert converted["args"].data_parallel_size == 2 and converted["opt_param_scheduler"]["num_steps"] == 8
+    assert _relative(state["params"], read_optimizer_state(tmp_path / "conv")["params"]) == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    train(tmp_path / "conv", tmp_path / "resumed", TrainSpec(dp=2, steps=1, load_optim=True, save_rng=False))
+    errors = _relative(read_optimizer_state(tmp_path / "run")["params"], read_optimizer_state(tmp_path / "resumed")["params"])
+    print("deepseek resume errors (max abs / max):", errors)
+    assert max(errors.values()) < 1e-6, errors

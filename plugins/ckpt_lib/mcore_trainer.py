@@ -239,12 +239,13 @@ def _train(load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int
         scheduler.step(increment=spec.global_batch)
         args.consumed_train_samples += spec.global_batch
         if iteration == last or iteration in spec.save_at:
-            _save(Path(save_dir), iteration, args, model, optimizer, scheduler, name, dp_rank)
+            # Megatron-LM: the rank file is written by expert-data-parallel rank 0 (DP rank 0 without experts).
+            _save(Path(save_dir), iteration, args, model, optimizer, scheduler, name, ps.get_expert_data_parallel_rank())
 
 
 def _save(root: Path, iteration: int, args: argparse.Namespace, model: list[Any], optimizer: Any, scheduler: Any,
-          name: str, dp_rank: int) -> None:
-    """Megatron-LM's legacy save: the rank file on DP rank 0, then `save_parameter_state` (a
+          name: str, writer_rank: int) -> None:
+    """Megatron-LM's legacy save: the rank file on expert-DP rank 0, then `save_parameter_state` (a
     collective over the data-parallel group, written by its rank 0), then the tracker."""
     args.iteration = iteration
     rank_dir = root / f"iter_{iteration:07d}" / name
@@ -256,7 +257,7 @@ def _save(root: Path, iteration: int, args: argparse.Namespace, model: list[Any]
     if not args.no_save_rng:
         state["rng_state"] = _rng_state()
     state["num_floating_point_operations_so_far"] = 0
-    if dp_rank == 0:
+    if writer_rank == 0:
         rank_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, rank_dir / "model_optim_rng.pt")
     torch.distributed.barrier()

@@ -48,16 +48,17 @@ Rank = tuple[int, int, int]  # (tp, pp, ep)
 
 def _global_names(module: Any, ep_rank: int) -> dict[Any, str]:
     """Parameter -> global name: decoder layer numbers from megatron-core's `layer_number`, expert
-    indices `ep_rank * num_local_experts + local` (megatron-core's SequentialMLP rule)."""
+    indices `ep_rank * num_local_experts + local` (megatron-core's SequentialMLP rule; decoder and
+    MTP layers alike)."""
     names = {}
     for name, param in module.named_parameters():
         parts = name.split(".")
+        if "local_experts" in parts:
+            i = parts.index("local_experts") + 1
+            experts = module.get_submodule(".".join(parts[:i - 1]))
+            parts[i] = str(ep_rank * experts.num_local_experts + int(parts[i]))
         if parts[:2] == ["decoder", "layers"]:
-            layer = module.decoder.layers[int(parts[2])]
-            parts[2] = str(layer.layer_number - 1)
-            if "local_experts" in parts:
-                i = parts.index("local_experts") + 1
-                parts[i] = str(ep_rank * layer.mlp.experts.num_local_experts + int(parts[i]))
+            parts[2] = str(module.decoder.layers[int(parts[2])].layer_number - 1)
         names[param] = ".".join(parts)
     return names
 
