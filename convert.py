@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Do not perform checking on the name and ordering of weights")
     parser.add_argument("--verify", action="store_true",
                         help="After converting, compare every weight of the output with the input (see verify.py)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Worker processes, each converting its share of the output rank files (saver core_ext); "
+                             "under torchrun every rank is one worker")
     return parser
 
 
@@ -237,8 +240,7 @@ def convert(loader: ModuleType, saver: ModuleType, args: argparse.Namespace) -> 
         status = 1
     print("Waiting for saver to complete...", flush=True)
     saver_proc.join()
-    # Whatever the dead saver left unread must not keep this process's queue feeder thread alive.
-    queue.cancel_join_thread()
+    _drain(queue)
     code = saver_proc.exitcode
     if code is not None and code < 0 and status != 130:
         print(f"error: saver: killed by {signal_name(-code)}", file=sys.stderr, flush=True)
@@ -247,6 +249,128 @@ def convert(loader: ModuleType, saver: ModuleType, args: argparse.Namespace) -> 
     if code:
         status = status or 1
     return status
+
+
+def torchrun_world_size() -> int:
+    """How many ranks torchrun started (1 when not run by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else 1
+
+
+def _worker(loader: ModuleType, saver: ModuleType, args: argparse.Namespace, share: Any) -> None:
+    os.setpgid(0, 0)  # its own process group, so that stopping it stops its saver too
+    sys.exit(convert(loader, saver, argparse.Namespace(**vars(args), share=share)))
+
+
+def convert_shared(loader: ModuleType, saver: ModuleType, args: argparse.Namespace, world: int) -> int:
+    """Several workers write their shares of the rank files into one staged directory, committed
+    only when all succeeded: `--workers N` processes here, or each torchrun rank (`world` > 1)."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from ckpt_lib import shares
+    from ckpt_lib.errors import ConversionError
+    from ckpt_lib.runtime import Summary
+    from ckpt_lib.staging import StagedDir
+
+    if not getattr(saver, "SHARED_OUTPUT", False):
+        raise ConversionError(f"--workers / torchrun need a saver that writes shares of its output (core_ext); {args.saver} does not")
+    if args.workers > 1 and world > 1:
+        raise ConversionError("--workers and torchrun cannot be combined: under torchrun every rank is one worker")
+    if args.workers < 1:
+        raise ConversionError(f"--workers must be >= 1, got {args.workers}")
+    summary = Summary("convert")
+    if world > 1:
+        return _torchrun_worker(loader, saver, args, summary)
+    staged = StagedDir(args.save_dir, args.overwrite)
+    fork = multiprocessing.get_context("fork")  # plugin modules are handed over, not pickled
+    workers = [fork.Process(target=_worker, args=(loader, saver, args, shares.Share(k, args.workers, staged.path)))
+               for k in range(args.workers)]
+    for worker in workers:
+        worker.start()
+    running = list(workers)
+    try:
+        while running:  # one failure stops the others: the output would be discarded anyway
+            wait([w.sentinel for w in running])
+            running = [w for w in running if w.exitcode is None]
+            if any(w.exitcode for w in workers):
+                _stop(running)
+    except KeyboardInterrupt:
+        _stop(running)
+        staged.discard()
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    for worker in workers:
+        worker.join()
+    return shares.finish(staged, [w.exitcode for w in workers], summary)
+
+
+def _stop(workers: list[Any]) -> None:
+    """Stop workers with their savers (each worker leads its own process group)."""
+    for worker in workers:
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):  # not yet its own group leader
+            worker.terminate()
+    for worker in workers:
+        worker.join()
+
+
+def _torchrun_worker(loader: ModuleType, saver: ModuleType, args: argparse.Namespace, summary: Any) -> int:
+    """One torchrun rank: rank 0 stages the output and commits it once every rank has reported success
+    (torch.distributed over gloo; the staged directory must be on a file system all ranks share)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from ckpt_lib import shares
+    from ckpt_lib.staging import StagedDir
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))  # a rank may convert for hours
+    rank, world = dist.get_rank(), dist.get_world_size()
+    staged, box = None, [None]
+    try:
+        if rank == 0:
+            try:
+                staged = StagedDir(args.save_dir, args.overwrite)
+                box = [str(staged.path)]
+            except Exception as e:
+                report("convert", e)
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return 1
+        status = convert(loader, saver, argparse.Namespace(**vars(args), share=shares.Share(rank, world, Path(box[0]))))
+        statuses: list[Any] = [None] * world
+        dist.all_gather_object(statuses, status)
+        result = int(any(statuses))
+        if staged is not None:
+            try:
+                result = shares.finish(staged, statuses, summary)
+            except Exception as e:  # still reach the barrier, or the other ranks wait for a day
+                report("convert", e)
+                staged.discard()
+                result = 1
+        dist.barrier()  # every rank returns once the output is committed
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _drain(queue: Any) -> None:
+    """Read back what a dead saver left unread, so that the queue's feeder thread has flushed
+    everything and ended before this process exits (one still blocked on the full pipe may abort
+    the interpreter's shutdown); then never wait for it."""
+    queue.close()
+    feeder = getattr(queue, "_thread", None)
+    deadline = time.monotonic() + 10
+    while feeder is not None and time.monotonic() < deadline:
+        feeder.join(0.01)
+        if not feeder.is_alive():
+            break
+        try:
+            queue.get_nowait()
+        except queue_module.Empty:
+            pass
+    queue.cancel_join_thread()
 
 
 def signal_name(number: int) -> str:
@@ -271,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_arguments(parser)
     saver.add_arguments(parser)
     args = parser.parse_args(argv)
-    status = convert(loader, saver, args)
+    world = torchrun_world_size()
+    status = convert_shared(loader, saver, args, world) if args.workers != 1 or world > 1 else convert(loader, saver, args)
     if status == 0 and args.verify:
         status = run_verify(plugin_name(known.loader), args)
     return status

@@ -8,7 +8,9 @@ run (reading the input and writing as many bytes with plain file I/O). Warm cach
 just read. Cold cache: the page cache is dropped before the conversion and before the floor
 (needs root; reported as n/a otherwise).
 
-    python bench/bench_scale.py [--dense-gb 2 4] [--deepseek-gb 2 4] [--workdir /tmp/bench_scale] [--no-cold]
+    python bench/bench_scale.py [--dense-gb 2 4] [--deepseek-gb 2 4] [--workers 1 2] [--workdir /tmp/bench_scale] [--no-cold]
+
+`--workers 1 2` also measures `convert.py --workers 2` (each worker converts one pipeline stage).
 """
 
 from __future__ import annotations
@@ -84,11 +86,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scale"))
     parser.add_argument("--no-cold", action="store_true", help="Warm-cache figures only")
     parser.add_argument("--no-checksums", action="store_true", help="Pass --no-checksums to the saver")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1], help="convert.py --workers values to measure")
     args = parser.parse_args()
     extra = ["--no-checksums"] if args.no_checksums else []
     models = [("dense", gb, bench_dense.make_model, DENSE_FLAGS) for gb in args.dense_gb]
     models += [("deepseek", gb, bench_deepseek.make_model, DEEPSEEK_FLAGS) for gb in args.deepseek_gb]
-    print(f"{'model':>9} {'layers':>6} {'in GB':>6} {'out GB':>6} {'cache':>5} {'wall s':>7} {'GB/s':>5} {'floor s':>7} "
+    print(f"{'model':>9} {'layers':>6} {'in GB':>6} {'out GB':>6} {'cache':>5} {'workers':>7} {'wall s':>7} {'GB/s':>5} {'floor s':>7} "
           f"{'x floor':>7} {'peak PSS GB':>11} {'layer GB':>8} {'1 GB + 2 layers':>15}", flush=True)
     for family, gb, make, flags in models:
         shutil.rmtree(args.workdir, ignore_errors=True)
@@ -96,15 +99,15 @@ def main() -> None:
         cfg = make(src, gb)
         in_bytes, layer = dir_bytes(src), largest_layer(src)
         raw_floor(src, 0, args.workdir / "warmup.bin")  # warm the cache with the input
-        for cache in ("warm", "cold"):
+        for cache, workers in ((c, w) for c in ("warm", "cold") for w in args.workers):
             if cache == "cold" and args.no_cold:
                 continue
-            r = measure(src, args.workdir / "out", flags, cache == "cold", extra)
+            r = measure(src, args.workdir / "out", flags, cache == "cold", [*extra, "--workers", str(workers)])
             if r is None:
                 print(f"{family:>9} {cfg['num_hidden_layers']:>6} {'':>6} {'':>6} {cache:>5}  n/a (dropping the page cache needs root)")
                 continue
             budget = 1e9 + 2 * layer
-            print(f"{family:>9} {cfg['num_hidden_layers']:>6} {in_bytes / 1e9:6.2f} {r['out'] / 1e9:6.2f} {cache:>5} "
+            print(f"{family:>9} {cfg['num_hidden_layers']:>6} {in_bytes / 1e9:6.2f} {r['out'] / 1e9:6.2f} {cache:>5} {workers:>7} "
                   f"{r['wall']:7.2f} {in_bytes / r['wall'] / 1e9:5.2f} {r['floor']:7.2f} {r['wall'] / r['floor']:7.2f} "
                   f"{r['pss'] / 1e9:11.3f} {layer / 1e9:8.3f} {str(r['pss'] <= budget):>15}", flush=True)
     shutil.rmtree(args.workdir, ignore_errors=True)

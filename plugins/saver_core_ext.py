@@ -13,3 +13,7 @@ def add_arguments(parser):
 
 def save_checkpoint(queue, args):
     run_saver(mcore_saver.save, queue, args)
+
+
+# Under `convert.py --workers N` or torchrun, each worker writes its share of the rank files.
+SHARED_OUTPUT = True

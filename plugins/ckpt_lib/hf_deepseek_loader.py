@@ -73,4 +73,4 @@ def load(queue: Any, args: argparse.Namespace) -> None:
             check_copy(source, copy, original)
     elif mtp_names:
         print(f"loader_hf_deepseek3: skipping the {len(mtp_names)} MTP tensors of layer {md.num_layers} (--mtp-num-layers 0)")
-    stream(queue, source, md, plan, "loader_hf_deepseek3", args.strict)
+    stream(queue, source, md, plan, "loader_hf_deepseek3", args)

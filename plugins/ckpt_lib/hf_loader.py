@@ -21,6 +21,7 @@ from .errors import ConversionError
 from .families import Section, deepseek, dense, experts_to_protocol, to_protocol
 from .runtime import progress
 from .safetensors_io import SafetensorsSource
+from .shares import layers_to_send
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -136,12 +137,16 @@ def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step]
 
 
 def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], what: str,
-           strict: bool = False) -> None:
+           args: argparse.Namespace) -> None:
+    """Send the plan's messages; a worker of a shared conversion sends only the layers it writes."""
+    md.share_layers = layers_to_send(args, md)
+    if md.share_layers is not None:
+        plan = [step for step in plan if step.layer is None or step.layer in md.share_layers]
     queue.put(md)
     for step in progress(plan, len(plan), what):
         msg = step.build(source.get, md)
         msg["name"] = step.message
-        P.check_finite(msg, strict)
+        P.check_finite(msg, args.strict)
         queue.put(msg)
     queue.put(P.DONE)
 
@@ -167,4 +172,4 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     validate(source, md, plan, tied_copy)
     if tied_copy:  # some exporters keep the tied head; it must equal the embeddings
         check_copy(source, "lm_head.weight", embed_name)
-    stream(queue, source, md, plan, "loader_hf", args.strict)
+    stream(queue, source, md, plan, "loader_hf", args)

@@ -21,6 +21,7 @@ from . import __version__
 from .errors import ConversionError
 
 NAME = "conversion_manifest.json"
+PART = ".manifest-part-{index}.json"
 
 
 def sha256(path: Path) -> str:
@@ -43,6 +44,7 @@ class Manifest:
         self.tensors: dict[str, dict[str, dict[str, Any]]] = {}
         self._hashing: dict[Path, Future[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._known: dict[str, dict[str, Any]] = {}  # files described by workers' parts
 
     def record(self, relpath: str, tensors: dict[str, Any]) -> None:
         self.tensors[relpath] = describe(tensors)
@@ -62,10 +64,35 @@ class Manifest:
         future = self._hashing.get(path.resolve())
         return future.result() if future is not None else sha256(path)
 
+    def _describe_file(self, root: Path, rel: str) -> dict[str, Any]:
+        if rel in self._known:
+            return self._known[rel]
+        return {"bytes": (root / rel).stat().st_size, "sha256": self._sha256(root / rel)}
+
+    def write_part(self, root: Path, index: int) -> None:
+        """One worker's files and tensors, for `merge_parts` once every worker is done."""
+        part = {"files": {rel: self._describe_file(root, rel) for rel in self.tensors}, "tensors": self.tensors}
+        if self._pool is not None:
+            self._pool.shutdown()
+        (root / PART.format(index=index)).write_text(json.dumps(part))
+
+    @classmethod
+    def merge_parts(cls, root: Path, count: int) -> Manifest:
+        """The manifest of a conversion shared by `count` workers, from their parts (then removed)."""
+        merged = cls()
+        for index in range(count):
+            path = root / PART.format(index=index)
+            part = json.loads(path.read_text())
+            path.unlink()
+            merged.tensors.update(part["tensors"])
+            merged._known.update(part["files"])
+        merged.checksums = all(f["sha256"] is not None for f in merged._known.values())
+        return merged
+
     def write(self, root: Path) -> None:
         """Checksum every file under `root` (the staged output) and write the manifest beside them."""
-        files = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": self._sha256(p)}
-                 for p in sorted(root.rglob("*")) if p.is_file() and p.name != NAME}
+        files = {rel: self._describe_file(root, rel) for rel in
+                 (str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file() and p.name != NAME)}
         if self._pool is not None:
             self._pool.shutdown()
         try:
@@ -81,7 +108,7 @@ class Manifest:
             "versions": {"ckpt_lib": __version__, "python": platform.python_version(), "torch": torch.__version__,
                          "safetensors": st_version},
             "files": files,
-            "tensors": self.tensors,
+            "tensors": dict(sorted(self.tensors.items())),
         }
         (root / NAME).write_text(json.dumps(doc, indent=1) + "\n")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import optimizer_state
 from . import protocol as P
 from .errors import ConversionError
 from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters, split_fused_down
@@ -38,6 +39,7 @@ from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, 
 from .qlora import dequantize_nf4
 from .runtime import progress
 from .sharding import COLUMN, GATED, gather
+from .shares import layers_to_send
 from .torch_dist import is_torch_dist
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -66,6 +68,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--strict", action="store_true", help="NaN/Inf in a weight is an error instead of a warning")
     group.add_argument("--save-lora-to-hf", action="store_true",
                        help="Export the LoRA adapters alone as a PEFT adapter directory (with saver hf)")
+    optimizer_state.add_loader_arguments(group)
 
 
 class RankFiles:
@@ -211,6 +214,7 @@ class McoreLoader:
         self.lora_files = self._lora_files(args.lora_load, f)
         self.export = bool(getattr(args, "save_lora_to_hf", False))
         self.strict = bool(getattr(args, "strict", False))
+        self.args = args
         if args.loader_transformer_impl and args.loader_transformer_impl != self.impl:
             raise ConversionError(f"--loader-transformer-impl {args.loader_transformer_impl} disagrees with the files ({self.impl} names)")
         self.layout = detect_layout(f, first["args"])
@@ -398,17 +402,23 @@ class McoreLoader:
         if self.export:
             return self.send_adapters(queue)
         md = self.md
+        md.share_layers = layers_to_send(self.args, md)  # a worker sends only the layers it writes
+        sent = set(range(md.num_layers + md.mtp_num_layers) if md.share_layers is None else md.share_layers)
+        optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
         queue.put(md)
         queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, self.layout.first_segment())})
-        for layer in progress(range(md.num_layers), md.num_layers, "loader_core_ext"):
+        layers = [layer for layer in range(md.num_layers) if layer in sent]
+        for layer in progress(layers, len(layers), "loader_core_ext"):
             seg, local = self.layout.locate_real(layer)
             self._send_layer(queue, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
         queue.put({"name": P.FINAL_NORM, **self._gather(FINAL_NORM_PARAMS, self.last)})
         if md.output_layer:
             queue.put({"name": P.OUTPUT_LAYER, **self._gather(OUTPUT_PARAMS, self.last)})
-        for k in range(md.mtp_num_layers):
+        for k in (k for k in range(md.mtp_num_layers) if md.num_layers + k in sent):
             self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last, MTP_LAYER_PREFIX.format(index=k),
                              MTP_PARAMS, MTP_PREFIX.format(index=k))
+        if optim is not None:
+            queue.put(optim)
         queue.put(P.DONE)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import optimizer_state
 from . import protocol as P
 from .errors import ConversionError
 from .manifest import Manifest, describe
@@ -36,6 +37,7 @@ from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .qlora import quantize_nf4
 from .runtime import Summary, progress
 from .sharding import COLUMN, pad_vocab, padded_vocab_size, split, split_stacked
+from .shares import Share, layers_to_send, target_layout, target_sizes
 from .staging import StagedDir, check_target
 
 
@@ -78,6 +80,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
     group.add_argument("--no-checksums", action="store_true",
                        help="Leave sha256 out of conversion_manifest.json (hashing costs about 1 s per 2 GB of output)")
+    optimizer_state.add_saver_arguments(group)
 
 
 class McoreSaver:
@@ -85,9 +88,7 @@ class McoreSaver:
 
     def __init__(self, args: argparse.Namespace, md: argparse.Namespace) -> None:
         self.args, self.md = args, md
-        self.tp = args.target_tensor_parallel_size or getattr(md, "previous_tensor_parallel_size", 1) or 1
-        self.pp = args.target_pipeline_parallel_size or getattr(md, "previous_pipeline_parallel_size", 1) or 1
-        self.ep = getattr(args, "target_expert_parallel_size", None) or 1
+        self.tp, self.pp, self.ep = target_sizes(args, md)
         # torch_dist stores whole tensors: split at TP/PP/EP 1, record the target sizes in args.
         self.torch_dist = getattr(args, "ckpt_format", "torch") == "torch_dist"
         self.target = (self.tp, self.pp, self.ep)
@@ -95,10 +96,13 @@ class McoreSaver:
         self.num_experts = md.num_experts or 0
         self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
         noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
-        self.layout: PipelineLayout = make_layout(
-            md.num_layers + len(noop), self.pp, parse_layer_list(args.num_layer_list),
-            args.num_layers_per_virtual_pipeline_stage, noop, getattr(args, "schedules_method", None) == "dualpipev")
+        self.layout: PipelineLayout = target_layout(args, md)
         self.target_layout = self.layout
+        self.share: Share | None = getattr(args, "share", None)
+        sent = getattr(md, "share_layers", None)  # None: the loader sends every layer
+        self.sent = set(range(md.num_layers + self.mtp_layers) if sent is None else sent)
+        if self.share is not None:
+            self._check_share()
         if self.torch_dist:
             self._check_torch_dist(noop)
             self.tp = self.pp = self.ep = 1
@@ -127,6 +131,17 @@ class McoreSaver:
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
         self.manifest = Manifest(not getattr(args, "no_checksums", False))
+
+    def _check_share(self) -> None:
+        """A worker writes legacy rank files, and needs every layer of the stages it owns."""
+        if self.torch_dist:
+            raise ConversionError("--ckpt-format torch_dist is written by one process; drop --workers / torchrun")
+        missing = sorted(set(layers_to_send(self.args, self.md) or ()) - self.sent)
+        if missing:
+            raise ConversionError(f"the loader did not send layers {missing[:5]} that worker {self.share.index} writes")
+
+    def _owns(self, pp_rank: int, ep_rank: int, tp_rank: int) -> bool:
+        return self.share is None or self.share.owns(pp_rank, ep_rank, tp_rank, (self.tp, self.pp, self.ep))
 
     def _check_torch_dist(self, noop: list[int]) -> None:
         """torch_dist is megatron-core's format: its names, no MindSpeed-only layouts."""
@@ -272,7 +287,8 @@ class McoreSaver:
         for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
             for tp_rank, chunks in enumerate(per_tp):
                 for index, chunk in enumerate(chunks):
-                    if not chunk:
+                    if not chunk or not self._owns(pp_rank, ep_rank, tp_rank):
+                        chunk.clear()
                         continue
                     key = (pp_rank, ep_rank, tp_rank)
                     if key not in self.writers:
@@ -327,7 +343,8 @@ class McoreSaver:
             self.word_shards = [t["embedding.word_embeddings.weight"] for t in self._slots(first, [0])[0]]
         self._flush(first.pp_rank, root)
 
-        for layer in progress(range(md.num_layers), md.num_layers, "saver_core_ext"):
+        layers = [layer for layer in range(md.num_layers) if layer in self.sent]
+        for layer in progress(layers, len(layers), "saver_core_ext"):
             seg, local = self.layout.locate_real(layer)
             self._receive_layer(reader, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
             if seg.pp_rank != last.pp_rank and layer == self.last_layer[seg.pp_rank]:
@@ -347,13 +364,10 @@ class McoreSaver:
             for per_tp in self._slots(last, range(self.ep)):
                 for tp_rank, shard in enumerate(self.word_shards):
                     per_tp[tp_rank].update(dict.fromkeys(self.copies, shard))
-        for k in range(self.mtp_layers):
+        for k in (k for k in range(self.mtp_layers) if md.num_layers + k in self.sent):
             self._receive_layer(reader, P.mtp_message(k), md.num_layers + k, last, MTP_LAYER_PREFIX.format(index=k),
                                 MTP_PARAMS, MTP_PREFIX.format(index=k))
-        end = reader.get_raw()
-        if end != P.DONE:
-            name = end.get("name") if isinstance(end, dict) else end
-            raise ConversionError(f"unsupported message '{name}'")
+        self.optimizer = optimizer_state.receive_message(P.receive_end(reader), reader)
         self._write_rank(last.pp_rank, root)
         for rank in sorted(self.state):
             self._write_rank(rank, root)
@@ -366,13 +380,21 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     reader = P.MessageReader(queue, getattr(args, "checking", True))
     md = P.receive_metadata(reader)
     saver = McoreSaver(args, md)
-    with StagedDir(args.save_dir, args.overwrite) as staged:
-        iteration = md.iteration if md.iteration is not None else "release"
-        root = staged.path / iteration_dir_name(iteration)
-        saver.receive(reader, root)
-        write_tracker(staged.path, iteration)
-        saver.manifest.write(staged.path)
-        target = staged.commit()
+    iteration = md.iteration if md.iteration is not None else "release"
+    if saver.share is not None:  # one of several workers: the driver merges and commits
+        root = saver.share.root
+        saver.receive(reader, root / iteration_dir_name(iteration))
+        if saver.share.index == 0:
+            write_tracker(root, iteration)
+        saver.manifest.write_part(root, saver.share.index)
+        target = root
+    else:
+        with StagedDir(args.save_dir, args.overwrite) as staged:
+            saver.receive(reader, staged.path / iteration_dir_name(iteration))
+            optimizer_state.save_with(saver, staged.path)
+            write_tracker(staged.path, iteration)
+            saver.manifest.write(staged.path)
+            target = staged.commit()
     saver.summary.notes.append(
         (f"torch_dist (layout free; args say TP{saver.target[0]} PP{saver.target[1]} EP{saver.target[2]}) " if saver.torch_dist else
          f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "

@@ -330,7 +330,7 @@ def load_moe(queue: Any, source: SafetensorsSource, weights: list[str], skipped:
     validate(view, md, plan, ignored)
     print(f"loader_core_mf: MoE ({md.num_experts} experts{', MLA' if getattr(md, 'multi_latent_attention', False) else ''}"
           f"{', MTP' if md.mtp_num_layers else ''}), {len(weights)} weights, skipped {len(skipped)} non-weight entries", flush=True)
-    stream(queue, view, md, plan, "loader_core_mf", args.strict)
+    stream(queue, view, md, plan, "loader_core_mf", args)
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:
@@ -352,4 +352,4 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         torch.save({n: source.get(n).clone() for n in weights}, target / "ms2pt_checkpoint.pt")
         print(f"loader_core_mf: wrote the intermediate checkpoint {target / 'ms2pt_checkpoint.pt'}", flush=True)
     plan = [dataclasses.replace(step, cast=md.params_dtype) for step in plan]  # fp32 -> bf16 rounds once
-    stream(queue, source, md, plan, "loader_core_mf", args.strict)
+    stream(queue, source, md, plan, "loader_core_mf", args)

@@ -175,13 +175,13 @@ def _data_parallel_size(args: argparse.Namespace) -> int:
 
 # ---- reading ----
 
-def _load(path: Path) -> Any:
+def _load(path: Path, mmap: bool = False) -> Any:
     """A rank or optimizer file, read with `weights_only` (no code runs)."""
     if not path.is_file():
         raise ConversionError(f"{path} is missing")
     try:
         with torch.serialization.safe_globals(safe_globals_for(path)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - corrupt zips and pickles raise several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path}: cannot read optimizer state ({first})") from None
@@ -384,11 +384,9 @@ def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: in
     it_dir, _ = find_iteration_dir(Path(save_dir))
     args = _process_args(_load(sorted(it_dir.glob(f"mp_rank_*/{RANK_FILE}"))[0])["args"])
     grid = _grid(it_dir, args)
-    ckpts = {rank: _load(path) for rank, path in grid.items()}
     src = state["args"]
     dp = dp or getattr(args, "expert_model_parallel_size", 1) or 1
-    for target_args in [args] + [ckpt["args"] for ckpt in ckpts.values()]:
-        _training_args(target_args, src, dp)
+    _training_args(args, src, dp)
     same_layout = all(getattr(src, f, 1) == getattr(args, f, 1) for f in
                       ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
     if keep_rng is None:
@@ -399,7 +397,8 @@ def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: in
     dense_groups, expert_groups, scaler = _param_groups(state["ranks"])
     tied = not getattr(args, "untie_embeddings_and_output_weights", False)
     for rank, path in sorted(grid.items()):
-        ckpt, layout = ckpts[rank], layouts[rank]
+        ckpt, layout = _load(path, mmap=True), layouts[rank]  # one rank's weights at a time, memory-mapped
+        _training_args(ckpt["args"], src, dp)
         weights = {k: v for key, sd in ckpt.items() if key.startswith("model") for k, v in sd.items()
                    if isinstance(v, torch.Tensor) and k in (WORD_EMB, TIED_OUTPUT)}
         optim_states, optim_sds = [], []
@@ -428,7 +427,10 @@ def write_optimizer_state(save_dir: str | Path, state: dict[str, Any], *, dp: in
             ckpt["rng_state"] = rng
         else:
             ckpt.pop("rng_state", None)
-        torch.save(ckpt, path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # the mapped original stays readable until replaced
+        del ckpt
     _retarget_iteration(Path(save_dir), it_dir, state["common"]["iteration"])
 
 

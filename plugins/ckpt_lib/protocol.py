@@ -25,6 +25,7 @@ from .errors import ConversionError
 EMBEDDINGS = "embeddings"
 FINAL_NORM = "final norm"
 OUTPUT_LAYER = "output layer"
+OPTIMIZER_STATE = "optimizer state"  # optional, last before "done" (optimizer_state.py)
 DONE = "done"
 EXIT = "exit"
 
@@ -156,6 +157,16 @@ class MessageReader:
             raise ConversionError(
                 f"unexpected keys in message '{name}': {sorted(msg)} (use --no-checking to ignore)"
             )
+
+
+def receive_end(reader: MessageReader) -> dict[str, Any] | None:
+    """The end of the stream: the optional optimizer-state message (returned), then "done"."""
+    end, extra = reader.get_raw(), None
+    if isinstance(end, dict) and end.get("name") == OPTIMIZER_STATE:
+        extra, end = end, reader.get_raw()
+    if end != DONE:
+        raise ConversionError(f"unsupported message '{end.get('name') if isinstance(end, dict) else end}'")
+    return extra
 
 
 def receive_metadata(reader: MessageReader) -> argparse.Namespace:

@@ -48,7 +48,8 @@ class Stream:
             parser.add_argument("--load-dir")
             module.add_arguments(parser)
             args = parser.parse_args(["--load-dir", str(directory), *extra])
-        self.args = argparse.Namespace(**{**vars(args), "load_dir": str(directory), "save_dir": None, "checking": True})
+        self.args = argparse.Namespace(**{**vars(args), "load_dir": str(directory), "save_dir": None, "checking": True,
+                                          "no_load_optim": True})  # weights are compared, not optimizer state
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, args=(module,), daemon=True)
