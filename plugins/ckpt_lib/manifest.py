@@ -58,6 +58,12 @@ class Manifest:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
         self._hashing[path.resolve()] = self._pool.submit(sha256, path)
 
+    def forget_checksums(self) -> None:
+        """Files were rewritten after they were hashed: hash them again when the manifest is written."""
+        for future in self._hashing.values():
+            future.result()
+        self._hashing.clear()
+
     def _sha256(self, path: Path) -> str | None:
         if not self.checksums:
             return None

@@ -12,12 +12,15 @@ and config classes found in `args`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import pickle
 import re
 import resource
 import sys
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +145,16 @@ class _Opaque:
         self.state = state
 
 
+_ALLOW_LIST = threading.Lock()  # torch's allow-list is process-wide; verify reads from two threads
+
+
+@contextlib.contextmanager
+def admitted(path: Path) -> Iterator[None]:
+    """`torch.load(..., weights_only=True)` of `path` may unpickle what `safe_globals_for` admits."""
+    with _ALLOW_LIST, torch.serialization.safe_globals(safe_globals_for(path)):
+        yield
+
+
 def safe_globals_for(path: Path) -> list[Any]:
     """What a Megatron checkpoint may pickle besides tensors: `args`, numpy's RNG state inside
     `rng_state` (training checkpoints), and Megatron's enums/dataclasses inside `args`, admitted as
@@ -170,7 +183,7 @@ def load_rank_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{path}: missing rank file")
     try:
-        with torch.serialization.safe_globals(safe_globals_for(path)):
+        with admitted(path):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except ConversionError:
         raise

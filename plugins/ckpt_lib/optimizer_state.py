@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from . import protocol as P
 from . import sharding
 from .errors import ConversionError
-from .megatron_io import RANK_FILE, TRACKER, find_iteration_dir, iteration_dir_name, rank_dir_name, safe_globals_for
+from .megatron_io import RANK_FILE, TRACKER, admitted, find_iteration_dir, iteration_dir_name, rank_dir_name
 
 OPTIM_FILE = "distrib_optim.pt"
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -180,7 +180,7 @@ def _load(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise ConversionError(f"{path} is missing")
     try:
-        with torch.serialization.safe_globals(safe_globals_for(path)):
+        with admitted(path):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - corrupt zips and pickles raise several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -524,6 +524,4 @@ def save_with(saver: Any, root: Path) -> None:
                               "--moe-grouped-gemm, --qlora-nf4, or pass --no-save-optim / --no-load-optim)")
     write_optimizer_state(root, state, dp=getattr(args, "target_data_parallel_size", None), keep_rng=False if getattr(args, "no_save_rng", False) else None, report=_note)
     # The rank files were rewritten: checksums computed while the saver ran are stale.
-    for future in saver.manifest._hashing.values():
-        future.result()
-    saver.manifest._hashing.clear()
+    saver.manifest.forget_checksums()

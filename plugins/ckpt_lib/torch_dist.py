@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError
-from .megatron_io import safe_globals_for
+from .megatron_io import admitted
 
 COMMON = "common.pt"
 FILE_BYTES = 1 << 30  # size of each .distcp data file
@@ -198,7 +198,7 @@ def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
     from megatron.core import dist_checkpointing
 
     try:  # megatron's own allow-list may have been reset by an enclosing safe_globals context: bring ours
-        with torch.serialization.safe_globals(safe_globals_for(directory / COMMON)):
+        with admitted(directory / COMMON):
             common = dist_checkpointing.load_common_state_dict(str(directory))
     except ConversionError:
         raise
