@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib.errors import ConversionError
-from ckpt_lib.families import QKV
+from ckpt_lib.families import QKV, concat, stack
 from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list
 from ckpt_lib.sharding import COLUMN, GATED, REPLICATED, ROW, gather, pad_vocab, padded_vocab_size, split, split_stacked
 
@@ -110,3 +112,19 @@ def test_qkv_interleave_per_group_and_inverse():
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
     back = QKV.backward((fused,), md)
     assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
+
+
+def test_concat_and_stack_match_torch_without_importing_dynamo():
+    """The family tables' joins: equal to torch.cat / torch.stack, large results in shared memory (the
+    queue passes them without a copy), meta inputs (validation) by shape alone, without torch's meta
+    cat that imports torch._dynamo (a second per conversion)."""
+    a, b = torch.randn(512, 1024), torch.randn(256, 1024)
+    assert torch.equal(concat([a, b]), torch.cat([a, b])) and concat([a, b]).is_shared()
+    assert torch.equal(stack([a, a], dim=1), torch.stack([a, a], dim=1))
+    assert concat([a.to("meta"), b.to("meta")]).shape == (768, 1024)
+    assert stack([b.to("meta")] * 3, dim=1).shape == (256, 3, 1024)
+    with pytest.raises(ConversionError, match="cannot join tensors of shapes"):
+        concat([a.to("meta"), torch.empty(2, 3, device="meta")])
+    probe = ("import sys, torch; sys.path.insert(0, 'plugins'); from ckpt_lib.families import concat; "
+             "concat([torch.empty(2, 3, device='meta')] * 2); print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"

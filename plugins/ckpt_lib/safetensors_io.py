@@ -30,6 +30,19 @@ MAX_HEADER = 100 * 1024 * 1024
 SHARED_MIN_BYTES = 1 << 20
 
 
+def empty_shared(shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory when large enough: the queue to the saver then passes
+    it by handle instead of copying it (torch.multiprocessing moves other tensors into shared memory)."""
+    shape = tuple(shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * dtype.itemsize
+    if nbytes < SHARED_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
 class SafetensorsFile:
     """One safetensors file: validated header, tensors served from a private memory map."""
 
@@ -74,11 +87,7 @@ class SafetensorsFile:
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         nbytes = end - begin
-        if nbytes >= SHARED_MIN_BYTES:
-            storage = torch.UntypedStorage._new_shared(nbytes)
-            out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
-        else:
-            out = torch.empty(nbytes, dtype=torch.uint8)
+        out = empty_shared((nbytes,), torch.uint8)
         if nbytes:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)

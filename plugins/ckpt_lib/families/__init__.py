@@ -12,8 +12,29 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from ..safetensors_io import empty_shared
 
 Tensors = tuple[torch.Tensor, ...]
+
+
+def concat(tensors: list[torch.Tensor] | Tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat into shared memory (passed to the saver without a copy). On meta tensors (the
+    validation run) only the shape is worked out: torch's meta cat imports torch._dynamo (~1 s)."""
+    first = tensors[0]
+    dim %= first.dim()
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    if first.is_meta:
+        others = [[s for i, s in enumerate(t.shape) if i != dim] for t in tensors]
+        if any(t.dim() != first.dim() or o != others[0] for t, o in zip(tensors, others)):
+            raise ConversionError(f"cannot join tensors of shapes {[list(t.shape) for t in tensors]} along dimension {dim}")
+        return torch.empty(shape, dtype=first.dtype, device="meta")
+    return torch.cat(tuple(tensors), dim, out=empty_shared(shape, first.dtype))
+
+
+def stack(tensors: list[torch.Tensor] | Tensors, dim: int = 0) -> torch.Tensor:
+    """torch.stack, as `concat`."""
+    return concat([t.unsqueeze(dim) for t in tensors], dim)
 
 
 @dataclass(frozen=True)
@@ -41,7 +62,7 @@ def _interleave_qkv(tensors: Tensors, md: Any) -> Tensors:
             f"for {md.num_attention_heads} heads, {groups} query groups, head dim {dim}"
         )
     rest = q.shape[1:]
-    fused = torch.cat(
+    fused = concat(
         [q.reshape(groups, heads_per_group * dim, *rest), k.reshape(groups, dim, *rest), v.reshape(groups, dim, *rest)],
         dim=1,
     )
@@ -121,7 +142,7 @@ def experts_to_protocol(section: Section, read: Callable[[str], torch.Tensor], m
     """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in])."""
     prefix = section.prefix.format(layer=layer)
     return {
-        rel.keys[0]: torch.stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
+        rel.keys[0]: stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
         for rel in section.active(md)
     }
 

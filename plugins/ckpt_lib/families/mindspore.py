@@ -42,7 +42,7 @@ import torch
 
 from .. import protocol as P
 from ..errors import ConversionError
-from . import QKV, RENAME, Op, Relation, Section, Tensors
+from . import QKV, RENAME, Op, Relation, Section, Tensors, concat, stack
 
 
 def _deinterleave_rows(tensors: Tensors, md: Any) -> Tensors:
@@ -52,7 +52,7 @@ def _deinterleave_rows(tensors: Tensors, md: Any) -> Tensors:
 
 def _interleave_rows(tensors: Tensors, md: Any) -> Tensors:
     gate, up = tensors
-    return (torch.stack([gate, up], dim=1).reshape(-1, *gate.shape[1:]),)
+    return (stack([gate, up], dim=1).reshape(-1, *gate.shape[1:]),)
 
 
 def _split_halves(tensors: Tensors, md: Any) -> Tensors:
@@ -60,7 +60,7 @@ def _split_halves(tensors: Tensors, md: Any) -> Tensors:
 
 
 def _join_halves(tensors: Tensors, md: Any) -> Tensors:
-    return (torch.cat(tensors, dim=0),)
+    return (concat(tensors, dim=0),)
 
 
 def _plain_to_interleaved_qkv(tensors: Tensors, md: Any) -> Tensors:
@@ -70,7 +70,7 @@ def _plain_to_interleaved_qkv(tensors: Tensors, md: Any) -> Tensors:
 
 
 def _interleaved_to_plain_qkv(tensors: Tensors, md: Any) -> Tensors:
-    return (torch.cat(QKV.backward(tensors, md), dim=0),)
+    return (concat(QKV.backward(tensors, md), dim=0),)
 
 
 FC1_INTERLEAVED = Op("fc1-row-interleaved", _deinterleave_rows, _interleave_rows)
