@@ -292,9 +292,9 @@ class McoreLoader:
             names.update(p.name for p in EMBEDDING_PARAMS if p.applies(md))
         if (pp, chunk) == (last.pp_rank, last.chunk):
             names.update(p.name for p in FINAL_NORM_PARAMS if p.applies(md))
-            if md.output_layer or last.pp_rank != first.pp_rank:
+            if md.output_layer or layout.split_ends():
                 names.add("output_layer.weight")
-            if md.mtp_num_layers and last.pp_rank != first.pp_rank:
+            if md.mtp_num_layers and layout.split_ends():
                 names.add("embedding.word_embeddings.weight")
             for k in range(md.mtp_num_layers):
                 names.update(MTP_PREFIX.format(index=k) + p.name for p in MTP_PARAMS)

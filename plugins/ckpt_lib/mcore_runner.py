@@ -3,8 +3,9 @@
 
 One process per rank (gloo), each building the GPTModel(s) of its rank from the checkpoint's
 `args`, loading its file with `strict=True` and running a forward in fp32; pipeline stages pass
-hidden states with send/recv in layer order (VPP chunks included), and the last stage returns the
-full-vocabulary logits (`parallel_output=False`).
+hidden states with send/recv in layer order (VPP and dualpipev chunks included; noop layers are
+weightless pass-through modules in their slots), and the last stage returns the full-vocabulary
+logits (`parallel_output=False`).
 
 CPU patches, applied in the worker processes only (the models are the real megatron-core
 classes): `torch.cuda.current_device` yields the CPU, `Tensor.cuda` is a no-op (tied embeddings
@@ -53,12 +54,52 @@ def read_args(ckpt_dir: Path, layout: tuple[int, int, int] | None = None) -> tup
 
 
 def stage_layout(args: argparse.Namespace) -> list[list[int]]:
-    """Layers per (virtual) stage in megatron's stage order v * PP + p."""
+    """Layers per (virtual) stage in forward order, noop layers counted (MindSpeed-LLM's numbering)."""
     pp, n = args.pipeline_model_parallel_size, args.num_layers
     if getattr(args, "num_layer_list", None):
         return [[int(c)] for c in args.num_layer_list.split(",")]
     per_chunk = getattr(args, "num_layers_per_virtual_pipeline_stage", None) or n // pp
+    if _dualpipev(args):
+        per_chunk = n // (2 * pp)
     return [[per_chunk] for _ in range(n // per_chunk)]
+
+
+def _dualpipev(args: argparse.Namespace) -> bool:
+    return getattr(args, "schedules_method", None) == "dualpipev"
+
+
+def stage_placement(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(pipeline rank, chunk) holding each stage in forward order: megatron's stage v * PP + p, or under
+    dualpipev rank p's first chunk for stage p and its second chunk for stage 2 * PP - 1 - p."""
+    pp, count = args.pipeline_model_parallel_size, len(stage_layout(args))
+    if _dualpipev(args):
+        return [(s, 0) if s < pp else (2 * pp - 1 - s, 1) for s in range(count)]
+    return [(s % pp, s // pp) for s in range(count)]
+
+
+class NoopLayer(torch.nn.Module):
+    """MindSpeed-LLM's noop layer (`--noop-layers`): a placeholder without weights that passes the
+    hidden states through; it takes its slot in a real megatron-core TransformerBlock."""
+
+    def __init__(self, layer_number: int) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, context: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        return hidden_states, context
+
+
+def _noop_layers(args: argparse.Namespace) -> set[int]:
+    return {int(i) for i in args.noop_layers.split(",")} if getattr(args, "noop_layers", None) else set()
+
+
+def _padded_moe_layer_freq(args: argparse.Namespace) -> Any:
+    """`moe_layer_freq` over the padded numbering megatron-core builds (noop slots become MoE, then noop)."""
+    noop, freq = _noop_layers(args), args.moe_layer_freq
+    if not noop or not isinstance(freq, list):
+        return freq
+    real = iter(freq)
+    return [1 if i in noop else next(real) for i in range(args.num_layers)]
 
 
 class _CpuRngTracker:
@@ -119,7 +160,7 @@ def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
     if getattr(args, "num_experts", None):
         extra.update(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                      moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-                     moe_layer_freq=args.moe_layer_freq, moe_router_topk=args.moe_router_topk,
+                     moe_layer_freq=_padded_moe_layer_freq(args), moe_router_topk=args.moe_router_topk,
                      moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
                      moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
                      moe_router_score_function=args.moe_router_score_function, moe_router_enable_expert_bias=bool(args.moe_router_enable_expert_bias),
@@ -176,7 +217,7 @@ def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> 
 
 
 def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: int, vp_stage: int | None,
-                parallel_output: bool = False) -> Any:
+                parallel_output: bool = False, pg_collection: Any = None) -> Any:
     """The GPTModel (chunk) of one pipeline stage, as Megatron-LM builds it from `args` (full-vocabulary
     logits unless `parallel_output`, which training needs: the loss edits the logits in place)."""
     from megatron.core.models.gpt import GPTModel
@@ -192,7 +233,7 @@ def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: i
                     pre_process=stage == 0, post_process=last,
                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                     position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=parallel_output,
-                    vp_stage=vp_stage, mtp_block_spec=mtp_spec)
+                    vp_stage=vp_stage, mtp_block_spec=mtp_spec, pg_collection=pg_collection)
 
 
 def _load_torch_dist(model: Any, it_dir: Path) -> dict[str, Any]:
@@ -232,19 +273,22 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s).expand(b, 1, s, s)
     hidden_shape = (s, b, args.hidden_size)
+    placement = stage_placement(args)
+    kept = None  # the output of this rank's previous stage when it also runs the next (dualpipev's turn)
     with torch.no_grad():
-        for stage in range(len(stages)):
-            owner, v = stage % pp, stage // pp
+        for stage, (owner, v) in enumerate(placement):
             if owner != pp_rank:
                 continue
             model = models[v]
             if stage > 0:
-                hidden = torch.empty(hidden_shape)
-                torch.distributed.recv(hidden, src=_stage_peer((stage - 1) % pp))
+                hidden = kept if placement[stage - 1][0] == pp_rank else torch.empty(hidden_shape)
+                if hidden is not kept:
+                    torch.distributed.recv(hidden, src=_stage_peer(placement[stage - 1][0]))
                 model.set_input_tensor(hidden)
             if stage < len(stages) - 1:
-                out = model(tokens, position_ids, mask)
-                torch.distributed.send(out.contiguous(), dst=_stage_peer((stage + 1) % pp))
+                kept = model(tokens, position_ids, mask).contiguous()
+                if placement[stage + 1][0] != pp_rank:
+                    torch.distributed.send(kept, dst=_stage_peer(placement[stage + 1][0]))
                 continue
             if getattr(args, "mtp_num_layers", None):
                 # With MTP the model computes losses from labels (the cross entropy then edits the logits
@@ -271,10 +315,16 @@ def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: 
     stages = stage_layout(args)
     chunks = len(stages) // pp
     ckpt = {} if torch_dist else torch.load(it_dir / name / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    placement, noop = stage_placement(args), _noop_layers(args)
+    groups = _without_embedding_sync() if _dualpipev(args) else None
     models = []
     for v in range(chunks):
-        stage = v * pp + pp_rank
-        model = build_model(args, config, stage, len(stages), v if chunks > 1 else None, parallel_output)
+        stage = placement.index((pp_rank, v))
+        with _built_as_pipeline_rank(stage % pp):
+            model = build_model(args, config, stage, len(stages), stage // pp if chunks > 1 else None, parallel_output, groups)
+        for i, layer in enumerate(model.decoder.layers):
+            if layer.layer_number - 1 in noop:
+                model.decoder.layers[i] = NoopLayer(layer.layer_number)
         state = _load_torch_dist(model, it_dir) if torch_dist else ckpt["model"] if chunks == 1 else ckpt[f"model{v}"]
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -282,6 +332,31 @@ def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: 
             raise RuntimeError(f"{name} chunk {v}: strict load failed: missing {missing} unexpected {result.unexpected_keys}")
         models.append(model)
     return models
+
+
+@contextlib.contextmanager
+def _built_as_pipeline_rank(rank: int) -> Any:
+    """Build a dualpipev chunk as megatron-core builds the same forward stage under plain VPP (its layer
+    numbers, first/last-stage parts): the pipeline rank megatron-core reads is that stage's rank there."""
+    from megatron.core import parallel_state as ps
+
+    own = ps.get_pipeline_model_parallel_rank()
+    ps.set_pipeline_model_parallel_rank(rank)
+    try:
+        yield
+    finally:
+        ps.set_pipeline_model_parallel_rank(own)
+
+
+def _without_embedding_sync() -> Any:
+    """Process groups without the embedding group: dualpipev keeps the first stage and the MTP stage on
+    rank 0, where megatron-core's construction-time all-reduce (copying the embedding to the MTP stage)
+    expects ranks 0 and PP-1 and would wait forever. The copy is loaded from the checkpoint anyway."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.embd = None
+    return groups
 
 
 def _stage_peer(pp_rank: int) -> int:

@@ -339,7 +339,7 @@ class McoreSaver:
         # The last stage needs its own copy of the embeddings for a tied output layer or for MTP.
         self.copies = [n for n, needed in (("output_layer.weight", not md.output_layer),
                                            ("embedding.word_embeddings.weight", self.mtp_layers > 0)) if needed]
-        if last.pp_rank != first.pp_rank and self.copies:
+        if self.layout.split_ends() and self.copies:
             self.word_shards = [t["embedding.word_embeddings.weight"] for t in self._slots(first, [0])[0]]
         self._flush(first.pp_rank, root)
 

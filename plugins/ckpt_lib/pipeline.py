@@ -51,6 +51,13 @@ class PipelineLayout:
         """Where the final norm, output layer and MTP live (rank 0's second chunk under dualpipev)."""
         return max(self.segments, key=lambda s: s.start)
 
+    def split_ends(self) -> bool:
+        """Whether the first and last stages are different model chunks (PP > 1, or rank 0's two
+        dualpipev chunks): the last one then keeps its own copy of the word embeddings for a tied
+        output layer or for MTP, as megatron-core builds it."""
+        first, last = self.first_segment(), self.last_segment()
+        return (first.pp_rank, first.chunk) != (last.pp_rank, last.chunk)
+
     @property
     def num_chunks(self) -> int:
         return 1 + max(s.chunk for s in self.segments)
