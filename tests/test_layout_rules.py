@@ -128,3 +128,26 @@ def test_concat_and_stack_match_torch_without_importing_dynamo():
     probe = ("import sys, torch; sys.path.insert(0, 'plugins'); from ckpt_lib.families import concat; "
              "concat([torch.empty(2, 3, device='meta')] * 2); print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_pending_parts_are_read_into_place(tmp_path):
+    """Joins of tensors not read yet (the HF loaders' reads) equal joins of the read tensors: contiguous
+    parts (stacked experts), strided parts (the per-group QKV interleave), a dtype mix; a destination
+    that does not fit fails with the tensor's name."""
+    from safetensors.torch import save_file
+
+    from ckpt_lib.safetensors_io import SafetensorsSource
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"q": torch.randn(8 * 16, 4096, generator=gen).bfloat16(), "k": torch.randn(2 * 16, 4096, generator=gen).bfloat16(),
+               "v": torch.randn(2 * 16, 4096, generator=gen).bfloat16(), "f": torch.randn(2 * 16, 4096, generator=gen)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    source = SafetensorsSource.from_dir(tmp_path)
+    md = argparse.Namespace(num_attention_heads=8, num_query_groups=2, kv_channels=16)
+    (fused,) = QKV.forward(tuple(source.pending(n) for n in "qkv"), md)
+    assert torch.equal(fused, QKV.forward(tuple(tensors[n] for n in "qkv"), md)[0]) and fused.is_shared()
+    assert torch.equal(stack([source.pending("k"), source.pending("v")]), torch.stack([tensors["k"], tensors["v"]]))
+    assert torch.equal(concat([source.pending("k"), tensors["v"]], dim=1), torch.cat([tensors["k"], tensors["v"]], dim=1))
+    assert torch.equal(concat([source.pending("k"), source.pending("f")]), torch.cat([tensors["k"], tensors["f"]]))
+    with pytest.raises(ConversionError, match="tensor 'q' .* cannot be read into"):
+        source.pending("q").read_into(torch.empty(3, 4096, dtype=torch.bfloat16))

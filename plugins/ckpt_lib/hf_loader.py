@@ -37,7 +37,7 @@ class Step:
     experts: tuple[int, int] | None = None  # (first, count) for a routed-experts message
     cast: torch.dtype | None = None  # round floating tensors once to this dtype (loader --params-dtype)
 
-    def build(self, read: Callable[[str], torch.Tensor], md: argparse.Namespace) -> dict[str, Any]:
+    def build(self, read: Callable[[str], Any], md: argparse.Namespace) -> dict[str, Any]:
         if self.experts is None:
             msg = to_protocol(self.section, read, md, self.layer)
         else:
@@ -144,7 +144,7 @@ def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: 
         plan = [step for step in plan if step.layer is None or step.layer in md.share_layers]
     queue.put(md)
     for step in progress(plan, len(plan), what):
-        msg = step.build(source.get, md)
+        msg = step.build(source.pending, md)
         msg["name"] = step.message
         P.check_finite(msg, args.strict)
         queue.put(msg)

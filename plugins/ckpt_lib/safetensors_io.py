@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,18 +87,74 @@ class SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
-        nbytes = end - begin
-        out = empty_shared((nbytes,), torch.uint8)
-        if nbytes:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            view, done = memoryview(out.numpy()), 0
-            while done < nbytes:
-                n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
-                if n <= 0:
-                    raise ConversionError(f"{self.path}: file ended while reading tensor {name!r}")
-                done += n
+        out = empty_shared((end - begin,), torch.uint8)
+        self._read(name, [memoryview(out.numpy())])
         return out.view(dtype).reshape(shape)
+
+    def read_into(self, name: str, dest: torch.Tensor) -> None:
+        """Read a tensor straight into `dest`, a possibly strided view laid out like it (row-major)."""
+        dtype, shape, begin, end = self.entries[name]
+        if dest.dtype != dtype or dest.numel() * dest.element_size() != end - begin:
+            raise ConversionError(f"{self.path}: tensor {name!r} ({dtype}, {list(shape)}) cannot be read into "
+                                  f"{dest.dtype} {list(dest.shape)}")
+        if dest.dim() == 0 or dest.stride(-1) != 1:
+            dest.copy_(self.get(name).reshape(dest.shape))
+            return
+        self._read(name, _contiguous_blocks(dest.view(torch.uint8).numpy()))
+
+    def _read(self, name: str, buffers: list[memoryview]) -> None:
+        """Fill `buffers` in order from the tensor's bytes: one preadv per 1024 buffers, from the page
+        cache straight into place."""
+        offset = self.data_start + self.entries[name][2]
+        buffers = [b for b in buffers if len(b)]
+        if buffers and self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        while buffers:
+            n = os.preadv(self._fd, buffers[:1024], offset)
+            if n <= 0:
+                raise ConversionError(f"{self.path}: file ended while reading tensor {name!r}")
+            offset += n
+            while buffers and n >= len(buffers[0]):
+                n -= len(buffers.pop(0))
+            if n:
+                buffers[0] = buffers[0][n:]
+
+
+def _contiguous_blocks(array: Any) -> list[memoryview]:
+    """The row-major contiguous pieces of a strided numpy view, in order."""
+    if array.flags.c_contiguous:
+        return [memoryview(array.reshape(-1))]
+    return [block for sub in array for block in _contiguous_blocks(sub)]
+
+
+class Pending:
+    """A tensor not read yet: shape and dtype now, bytes on demand. Joins (fused QKV, stacked experts)
+    read each part straight into its place in the joined tensor, which saves a copy and a buffer of
+    fresh pages per part."""
+
+    is_meta = False
+
+    def __init__(self, file: SafetensorsFile, name: str, shape: Iterable[int] | None = None) -> None:
+        self.file, self.name = file, name
+        self.dtype = file.entries[name][0]
+        self.shape = torch.Size(file.entries[name][1] if shape is None else shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def reshape(self, *shape: int) -> Pending:
+        return Pending(self.file, self.name, torch.empty(self.shape, device="meta").reshape(*shape).shape)
+
+    def unsqueeze(self, dim: int) -> Pending:
+        shape = list(self.shape)
+        shape.insert(dim % (len(shape) + 1), 1)
+        return Pending(self.file, self.name, shape)
+
+    def read_into(self, dest: torch.Tensor) -> None:
+        self.file.read_into(self.name, dest)
+
+    def load(self) -> torch.Tensor:
+        return self.file.get(self.name).reshape(self.shape)
 
 
 class SafetensorsSource:
@@ -156,6 +213,13 @@ class SafetensorsSource:
             raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
         self.used.add(name)
         return self.where[name].get(name)
+
+    def pending(self, name: str) -> Pending:
+        """`get` deferred: the bytes are read where the tensor is needed (see Pending)."""
+        if name not in self.where:
+            raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+        self.used.add(name)
+        return Pending(self.where[name], name)
 
     def unused(self) -> list[str]:
         return sorted(set(self.where) - self.used)

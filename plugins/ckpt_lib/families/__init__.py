@@ -12,14 +12,15 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..safetensors_io import empty_shared
+from ..safetensors_io import Pending, empty_shared
 
 Tensors = tuple[torch.Tensor, ...]
 
 
-def concat(tensors: list[torch.Tensor] | Tensors, dim: int = 0) -> torch.Tensor:
-    """torch.cat into shared memory (passed to the saver without a copy). On meta tensors (the
-    validation run) only the shape is worked out: torch's meta cat imports torch._dynamo (~1 s)."""
+def concat(tensors: list[Any] | Tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat into shared memory (passed to the saver without a copy); parts not read yet
+    (`Pending`) are read straight into place. On meta tensors (the validation run) only the shape is
+    worked out: torch's meta cat imports torch._dynamo (~1 s)."""
     first = tensors[0]
     dim %= first.dim()
     shape = list(first.shape)
@@ -29,7 +30,22 @@ def concat(tensors: list[torch.Tensor] | Tensors, dim: int = 0) -> torch.Tensor:
         if any(t.dim() != first.dim() or o != others[0] for t, o in zip(tensors, others)):
             raise ConversionError(f"cannot join tensors of shapes {[list(t.shape) for t in tensors]} along dimension {dim}")
         return torch.empty(shape, dtype=first.dtype, device="meta")
-    return torch.cat(tuple(tensors), dim, out=empty_shared(shape, first.dtype))
+    if any(t.dtype != first.dtype for t in tensors):
+        return torch.cat(tuple(loaded(t) for t in tensors), dim)
+    out, offset = empty_shared(shape, first.dtype), 0
+    for t in tensors:
+        part = out.narrow(dim, offset, t.shape[dim])
+        if isinstance(t, Pending):
+            t.read_into(part)
+        else:
+            part.copy_(t)
+        offset += t.shape[dim]
+    return out
+
+
+def loaded(t: Any) -> Any:
+    """A tensor, read now if it was `Pending`."""
+    return t.load() if isinstance(t, Pending) else t
 
 
 def stack(tensors: list[torch.Tensor] | Tensors, dim: int = 0) -> torch.Tensor:
@@ -44,6 +60,7 @@ class Op:
     name: str
     forward: Callable[[Tensors, Any], Tensors]
     backward: Callable[[Tensors, Any], Tensors]
+    joins: bool = False  # forward only joins its inputs (shape, reshape, concat): it takes them `Pending`
 
 
 def _identity(tensors: Tensors, md: Any) -> Tensors:
@@ -83,7 +100,7 @@ def _deinterleave_qkv(tensors: Tensors, md: Any) -> Tensors:
 
 
 RENAME = Op("rename", _identity, _identity)
-QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv)
+QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv, joins=True)
 
 
 @dataclass(frozen=True)
@@ -115,13 +132,14 @@ class Section:
         return [r for r in self.relations if r.applies(md)]
 
 
-def to_protocol(section: Section, read: Callable[[str], torch.Tensor], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
+def to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
     """Run a section forwards: read source tensors, return protocol key -> tensor."""
     prefix = section.prefix.format(layer=layer)
     out: dict[str, torch.Tensor] = {}
     for rel in section.active(md):
-        produced = rel.op.forward(tuple(read(prefix + s) for s in rel.source), md)
-        out.update(zip(rel.keys, produced))
+        inputs = tuple(read(prefix + s) for s in rel.source)
+        produced = rel.op.forward(inputs if rel.op.joins else tuple(loaded(t) for t in inputs), md)
+        out.update(zip(rel.keys, (loaded(t) for t in produced)))
     return out
 
 
@@ -137,7 +155,7 @@ def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | N
     return out
 
 
-def experts_to_protocol(section: Section, read: Callable[[str], torch.Tensor], md: Any, layer: int | None,
+def experts_to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: int | None,
                         first: int, count: int) -> dict[str, torch.Tensor]:
     """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in])."""
     prefix = section.prefix.format(layer=layer)
