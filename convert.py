@@ -357,19 +357,20 @@ def _torchrun_worker(loader: ModuleType, saver: ModuleType, args: argparse.Names
 
 def _drain(queue: Any) -> None:
     """Read back what a dead saver left unread, so that the queue's feeder thread has flushed
-    everything and ended before this process exits (one still blocked on the full pipe may abort
-    the interpreter's shutdown); then never wait for it."""
-    queue.close()
+    everything and ends before this process exits (one still blocked on the full pipe may abort
+    the interpreter's shutdown); then never wait for it. Reading happens before `close()`: from
+    then on get() is refused and the feeder closes the pipe on its way out."""
     feeder = getattr(queue, "_thread", None)
     deadline = time.monotonic() + 10
-    while feeder is not None and time.monotonic() < deadline:
-        feeder.join(0.01)
-        if not feeder.is_alive():
-            break
+    while feeder is not None and feeder.is_alive() and time.monotonic() < deadline:
         try:
-            queue.get_nowait()
+            queue.get(timeout=0.05)
         except queue_module.Empty:
-            pass
+            if not getattr(queue, "_buffer", None):
+                break  # nothing buffered, nothing in the pipe: the feeder is idle
+    queue.close()
+    if feeder is not None:
+        feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
     queue.cancel_join_thread()
 
 

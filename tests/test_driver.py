@@ -73,3 +73,20 @@ def test_silent_saver_failure_is_non_zero(tmp_path):
 def test_help_lists_plugin_options(tmp_path):
     result = drive(tmp_path, "--loader", "toy", "--saver", "toy", "--help")
     assert result.returncode == 0 and "--toy-messages" in result.stdout and "--toy-note" in result.stdout
+
+
+def test_unread_queue_is_drained_after_the_saver_ends():
+    """After the saver has gone, messages it never read are drained so that the queue's feeder thread
+    ends (one left blocked on a full pipe aborted the interpreter at exit); the closed queue is read
+    directly (its get() refuses once closed, which failed conversions at random)."""
+    import importlib.util
+    import multiprocessing
+
+    spec = importlib.util.spec_from_file_location("convert_driver", ROOT / "convert.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    queue = multiprocessing.get_context("fork").Queue()
+    for _ in range(8):
+        queue.put(b"x" * (1 << 20))  # far more than a pipe holds: the feeder blocks
+    driver._drain(queue)
+    assert not queue._thread.is_alive()
