@@ -103,6 +103,7 @@ class SaverWatchingQueue:
 
     def __init__(self, inner: Any, saver: Any) -> None:
         self.inner, self.saver = inner, saver
+        self.saver_pid: int = saver.pid  # lets the loader use shared-memory buffers again (SharedPool)
         self.sent_done = self.sent_exit = False
 
     def _check_saver(self) -> None:

@@ -78,7 +78,13 @@ def convert_inprocess(loader: str, saver: str, load_dir: Path, save_dir: Path, *
     thread = threading.Thread(target=run_saver)
 
     class Guarded:
-        """The loader's queue; stops blocking when the saver thread has died."""
+        """The loader's queue; stops blocking when the saver thread has died. Like the driver's, it names
+        the saver's process (this one) so that the loader uses its shared-memory buffers again."""
+
+        saver_pid = os.getpid()
+
+        def qsize(self) -> int:
+            return q.qsize()
 
         def put(self, item: Any) -> None:
             while True:

@@ -143,8 +143,9 @@ def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: 
     if md.share_layers is not None:
         plan = [step for step in plan if step.layer is None or step.layer in md.share_layers]
     queue.put(md)
+    read = getattr(source, "pending", source.get)  # deferred reads where the source offers them
     for step in progress(plan, len(plan), what):
-        msg = step.build(source.pending, md)
+        msg = step.build(read, md)
         msg["name"] = step.message
         P.check_finite(msg, args.strict)
         queue.put(msg)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import safetensors_io
 from .errors import ConversionError
 from .protocol import EXIT, LoaderExited
 
@@ -45,6 +46,7 @@ class PacedQueue:
     def __init__(self, queue: Any, budget: int = INFLIGHT_BYTES) -> None:
         self.queue, self.budget = queue, budget
         self.sent: deque[int] = deque()
+        self.puts = 0
 
     def _waiting(self) -> int:
         try:
@@ -63,6 +65,11 @@ class PacedQueue:
         if len(self.sent) > 1024:
             self.sent.popleft()
         self.queue.put(message, *args, **kwargs)
+        self.puts += 1
+
+    def messages(self) -> tuple[int, int]:
+        """Messages put so far, and how many of them the saver has received."""
+        return self.puts, self.puts - self._waiting()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.queue, name)
@@ -101,8 +108,10 @@ def settle_process() -> None:
 def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     """Run a loader; on failure tell the saver ("exit") and exit non-zero with one clear line."""
     settle_process()
+    paced = PacedQueue(queue)
+    safetensors_io.POOL = _shared_pool(paced)
     try:
-        body(PacedQueue(queue), args)
+        body(paced, args)
     except (ConversionError, OSError) as e:
         _fail("loader", e)
         queue.put(EXIT)
@@ -110,6 +119,23 @@ def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     except BaseException:
         queue.put(EXIT)
         raise
+    finally:
+        pool, safetensors_io.POOL = safetensors_io.POOL, None
+        if pool is not None:
+            if os.environ.get("CKPT_DEBUG"):
+                print(f"loader: {pool.reused} reads into reused shared memory", file=sys.stderr, flush=True)
+            pool.close()  # the saver's mappings stay valid; idle buffers are freed
+
+
+def _shared_pool(paced: PacedQueue) -> safetensors_io.SharedPool | None:
+    """Shared-memory buffers used again, when the driver names the saver's process and the queue can
+    tell how many messages it has received (not under upstream's convert.py: fresh buffers there)."""
+    pid = getattr(paced.queue, "saver_pid", None)
+    try:
+        paced.queue.qsize()
+    except (NotImplementedError, AttributeError):
+        return None
+    return safetensors_io.SharedPool(pid, paced.messages) if isinstance(pid, int) and sys.platform == "linux" else None
 
 
 def run_saver(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
