@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .errors import ConversionError
 
@@ -79,8 +80,6 @@ class SharedPool:
                 return storage  # not pooled
             fd = os.dup(storage._share_fd_cpu_()[0])
             self.held += nbytes
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         self.lent.append(_Lent(StorageWeakRef(storage), fd, nbytes, os.fstat(fd).st_ino))
         return storage
 
