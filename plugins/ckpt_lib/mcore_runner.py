@@ -29,6 +29,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.overrides import TorchFunctionMode
 
+from .pipeline import parse_layer_list
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -90,7 +92,7 @@ class NoopLayer(torch.nn.Module):
 
 
 def _noop_layers(args: argparse.Namespace) -> set[int]:
-    return {int(i) for i in args.noop_layers.split(",")} if getattr(args, "noop_layers", None) else set()
+    return set(parse_layer_list(getattr(args, "noop_layers", None)) or ())
 
 
 def _padded_moe_layer_freq(args: argparse.Namespace) -> Any:
