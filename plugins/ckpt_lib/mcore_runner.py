@@ -283,9 +283,12 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, tokens: torch.Tenso
                 continue
             model = models[v]
             if stage > 0:
-                hidden = kept if placement[stage - 1][0] == pp_rank else torch.empty(hidden_shape)
-                if hidden is not kept:
-                    torch.distributed.recv(hidden, src=_stage_peer(placement[stage - 1][0]))
+                previous = placement[stage - 1][0]
+                if previous == pp_rank:
+                    hidden = kept
+                else:
+                    hidden = torch.empty(hidden_shape)
+                    torch.distributed.recv(hidden, src=_stage_peer(previous))
                 model.set_input_tensor(hidden)
             if stage < len(stages) - 1:
                 kept = model(tokens, position_ids, mask).contiguous()
