@@ -13,7 +13,18 @@ import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib.errors import ConversionError
 from ckpt_lib.families import QKV, concat, stack
 from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list
-from ckpt_lib.sharding import COLUMN, GATED, REPLICATED, ROW, gather, pad_vocab, padded_vocab_size, split, split_stacked
+from ckpt_lib.sharding import (
+    COLUMN,
+    GATED,
+    REPLICATED,
+    ROW,
+    gather,
+    materialize,
+    pad_vocab,
+    padded_vocab_size,
+    split,
+    split_stacked,
+)
 
 
 def placements(layout):
@@ -90,10 +101,11 @@ def test_split_stacked_equals_split_per_matrix():
     gate, up, down = (torch.randn(3, 8, 4, generator=gen) for _ in range(3))
     for rule, stacked, one in ((GATED, (gate, up), lambda e: (gate[e], up[e])), (ROW, down, lambda e: down[e]),
                                (COLUMN, gate, lambda e: gate[e])):
-        shards = split_stacked(stacked, rule, 2)
+        shards, joined = split_stacked(stacked, rule, 2), split_stacked(stacked, rule, 2, joined=True)
         for e in range(3):
-            for tp, shard in enumerate(split(one(e), rule, 2)):
-                assert torch.equal(shards[tp][e], shard) and shards[tp][e].is_contiguous()
+            for tp, (shard, lazy) in enumerate(zip(split(one(e), rule, 2), split(one(e), rule, 2, joined=True))):
+                assert torch.equal(shards[tp][e], shard)
+                assert torch.equal(materialize(joined[tp][e]), shard) and torch.equal(materialize(lazy), shard)
 
 
 def test_vocab_padding_repeats_last_row_and_trims():

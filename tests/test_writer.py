@@ -21,6 +21,7 @@ def test_rank_file_writer_matches_torch_load(tmp_path):
             writer.add(index, name, value)
     assert set(writer.described()) == {f"model{i}/{n}" for i, c in enumerate(chunks) for n in c}
     size = writer.close(argparse.Namespace(tensor_model_parallel_size=1), 42)
+    assert writer.finished.result() is not None
     assert size == path.stat().st_size
     for state in (torch.load(path, weights_only=False), torch.load(path, weights_only=False, mmap=True), load_rank_file(path)):
         assert state["iteration"] == 42 and state["checkpoint_version"] == 3.0
@@ -40,6 +41,7 @@ def test_single_chunk_is_stored_as_model(tmp_path):
     writer = RankFileWriter(tmp_path / "f.pt", 1)
     writer.add(0, "w", torch.ones(2, 2))
     writer.close(argparse.Namespace(), "release")
+    writer.finished.result()
     state = torch.load(tmp_path / "f.pt", weights_only=False)
     assert state["iteration"] == 0 and torch.equal(state["model"]["w"], torch.ones(2, 2))
 
@@ -52,6 +54,7 @@ def test_reading_a_rank_file_keeps_megatrons_allowed_globals(tmp_path):
     writer = RankFileWriter(tmp_path / "f.pt", 1)
     writer.add(0, "w", torch.ones(2))
     writer.close(argparse.Namespace(), 1)
+    writer.finished.result()
     assert argparse.Namespace in torch.serialization.get_safe_globals()
     load_rank_file(tmp_path / "f.pt")
     assert argparse.Namespace in torch.serialization.get_safe_globals()

@@ -36,7 +36,7 @@ from .mindspeed import group_experts, to_mindspeed
 from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
 from .qlora import quantize_nf4
 from .runtime import Summary, progress
-from .sharding import COLUMN, pad_vocab, padded_vocab_size, split, split_stacked
+from .sharding import COLUMN, materialize, pad_vocab, padded_vocab_size, split, split_stacked
 from .shares import Share, layers_to_send, target_layout, target_sizes
 from .staging import StagedDir, check_target
 
@@ -203,7 +203,7 @@ class McoreSaver:
                 continue
             values = [P.take(msg, k) for k in param.keys]
             dtype = torch.float32 if param.fp32 else self.dtype
-            shards = [s.to(dtype).contiguous() for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
+            shards = [s.to(dtype) for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
             name = prefix + param.name.format(**fmt)
             for per_tp in targets:
                 if only_tp is not None:
@@ -216,7 +216,7 @@ class McoreSaver:
         if param.rule == VOCAB:
             return split(self._pad_vocab(values[0]), COLUMN, tp, param.name)
         full = values[0] if len(values) == 1 else tuple(values)
-        return split(full, param.rule, tp, param.name)
+        return split(full, param.rule, tp, param.name, joined=True)
 
     def _pad_vocab(self, table: torch.Tensor) -> torch.Tensor:
         if self.true_vocab is None:
@@ -234,7 +234,7 @@ class McoreSaver:
         for first, msg in P.receive_experts(reader, message, self.md):
             stacked = {k: msg.pop(k).to(self.dtype) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
             shards = {param.name: split_stacked(stacked[param.keys[0]] if len(param.keys) == 1 else
-                                                tuple(stacked[k] for k in param.keys), param.rule, tp, param.name)
+                                                tuple(stacked[k] for k in param.keys), param.rule, tp, param.name, joined=True)
                       for param in table}
             del stacked
             for offset in range(shards[table[0].name][0].shape[0]):
@@ -261,8 +261,11 @@ class McoreSaver:
         if moe:
             self._receive_experts(reader, message, seg, prefix)
 
-    def _rewrite(self, chunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The target profile's names and packing; each rewrite works within one layer."""
+    def _rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """The target profile's names and packing; each rewrite works within one layer. Shards stay
+        views and `Joined` pairs (copied once, into the rank file's buffer) unless a rewrite computes."""
+        if self.naming == "mindspeed" or self.grouped or getattr(self.args, "qlora_nf4", False):
+            chunk = {name: materialize(value) for name, value in chunk.items()}
         if self.naming == "mindspeed":
             chunk = to_mindspeed(chunk, self.md, self.grouped, self.mm_split)
         elif self.grouped and self.impl == "local":
@@ -281,7 +284,7 @@ class McoreSaver:
             for chunk in self.state.get(pp_rank, [[[{}]]])[0][0]:
                 self.manifest.tensors.setdefault(root.name, {}).update(describe(chunk))
                 for name, tensor in chunk.items():
-                    self.dist_writer.add(name, tensor)
+                    self.dist_writer.add(name, materialize(tensor).contiguous())
                 chunk.clear()
             return
         for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
@@ -293,9 +296,10 @@ class McoreSaver:
                     key = (pp_rank, ep_rank, tp_rank)
                     if key not in self.writers:
                         path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
-                        self.writers[key] = RankFileWriter(path, len(chunks))
+                        self.writers[key] = RankFileWriter(path, len(chunks), self.manifest.checksums)
                     for name, tensor in self._rewrite(chunk).items():
                         self.writers[key].add(index, name, tensor)
+                    self.writers[key].park()
                     chunk.clear()
 
     def _write_rank(self, pp_rank: int, root: Path) -> None:
@@ -308,7 +312,7 @@ class McoreSaver:
             writer = self.writers.pop(key)
             self.summary.add_file(writer.close(self._args_namespace(), self.md.iteration))
             self.manifest.record(str(writer.path.relative_to(root.parent)), writer.described())
-            self.manifest.hash_soon(writer.path)
+            self.manifest.checksum_from(writer.path, writer.finished)
 
     def write_torch_dist(self, root: Path) -> None:
         """Finish the torch_dist checkpoint (see torch_dist.TorchDistWriter)."""
@@ -373,6 +377,7 @@ class McoreSaver:
             self._write_rank(rank, root)
         if self.torch_dist:
             self.write_torch_dist(root)
+        self.manifest.wait_for_files()  # the rank files are written in the background: complete before anything else
 
 
 def save(queue: Any, args: argparse.Namespace) -> None:

@@ -21,11 +21,13 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .block_file import BlockFile, Joined
 from .errors import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -80,26 +82,35 @@ class RankFileWriter:
     The file is the zip torch.save writes (records `data/<key>` per storage and `data.pkl` for the
     object, here written last: torch.load finds records by name), loadable with plain `torch.load`,
     `mmap=True` included (records stay 64-byte aligned). CRC32 is off, as torch.save allows: it
-    halves the write speed and torch.load does not need it.
+    halves the write speed and torch.load does not need it. Tensor data goes through
+    `block_file.BlockFile`: views (row-parallel shards) and `Joined` parts are copied straight into
+    its reused buffers. The file is complete once `finished` is done (its result: the sha256).
     """
 
-    def __init__(self, path: Path, num_chunks: int) -> None:
+    def __init__(self, path: Path, num_chunks: int, checksum: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._zip: Any = torch._C.PyTorchFileWriter(str(path), False, 64)
+        self._file = BlockFile(path, checksum)
+        self._zip: Any = torch._C.PyTorchFileWriter(self._file, False, 64)
         self._records = 0
         self.chunks: list[dict[str, Any]] = [{} for _ in range(num_chunks)]
+        self.finished: Future[str | None] | None = None
 
     def add(self, chunk: int, name: str, value: Any) -> None:
         """Write a tensor's bytes now, straight from its memory; keep only a reference."""
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().contiguous()
-            ref = _StorageRef(str(self._records), tensor.dtype, tensor.numel())
-            start = tensor.storage_offset() * tensor.element_size()
-            self._zip.write_record(f"data/{ref.key}", tensor.untyped_storage()[start:start + tensor.nbytes], tensor.nbytes)
+        if isinstance(value, torch.Tensor | Joined):
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            ref = _StorageRef(str(self._records), value.dtype, value.shape.numel())
+            self._file.pending = value
+            self._zip.write_record_metadata(f"data/{ref.key}", value.nbytes)
             self._records += 1
-            value = _WrittenTensor(ref, tensor.shape)
+            value = _WrittenTensor(ref, value.shape)
         self.chunks[chunk][name] = value
+
+    def park(self) -> None:
+        """Other rank files are written next: give the shared write buffer back."""
+        self._file.park()
 
     def described(self) -> dict[str, Any]:
         """Everything written, by its path in the file (`model/...` or `model0/...`)."""
@@ -107,7 +118,7 @@ class RankFileWriter:
         return {p + name: value for p, chunk in zip(prefixes, self.chunks) for name, value in chunk.items()}
 
     def close(self, args: argparse.Namespace, iteration: int | str) -> int:
-        """Write the object (`model` for one chunk, `model0..` for several) and end the zip."""
+        """Write the object (`model` for one chunk, `model0..` for several) and end the zip; the size."""
         state: dict[str, Any] = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
         if len(self.chunks) == 1:
             state["model"] = self.chunks[0]
@@ -120,7 +131,8 @@ class RankFileWriter:
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         self._zip.write_end_of_file()
         del self._zip
-        return self.path.stat().st_size
+        size, self.finished = self._file.close()
+        return size
 
 
 def raise_open_file_limit(needed: int) -> None:

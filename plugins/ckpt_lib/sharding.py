@@ -10,6 +10,8 @@ Rules (Megatron-Core naming):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import ConversionError
@@ -17,18 +19,49 @@ from .errors import ConversionError
 REPLICATED, COLUMN, ROW, GATED = "replicated", "column", "row", "gated"
 
 
+class Joined:
+    """Tensors concatenated along `dim` as one tensor of the output, never built in memory
+    (SwiGLU's fc1 shard [gate_i; up_i]). Indexing a joined stack gives one joined matrix."""
+
+    def __init__(self, parts: list[torch.Tensor], dim: int = 0) -> None:
+        first = parts[0]
+        shape = list(first.shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        self.parts, self.dim, self.shape, self.dtype = parts, dim, torch.Size(shape), first.dtype
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __getitem__(self, index: int) -> Joined:
+        if self.dim == 0:
+            raise TypeError("Joined: only a joined stack (dim > 0) can be indexed")
+        return Joined([p[index] for p in self.parts], self.dim - 1)
+
+    def to(self, dtype: torch.dtype) -> Joined:
+        return self if dtype == self.dtype else Joined([p.to(dtype) for p in self.parts], self.dim)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, self.dim)
+
+
+def materialize(value: Any) -> Any:
+    """A real tensor for code that computes with it (renames that regroup, quantisation)."""
+    return value.materialize() if isinstance(value, Joined) else value
+
+
 def _check_divisible(size: int, tp: int, what: str) -> None:
     if size % tp:
         raise ConversionError(f"{what}: size {size} is not divisible by tensor parallel size {tp}")
 
 
-def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor") -> list[torch.Tensor]:
-    """Split a full tensor into `tp` shards (views where the rule allows)."""
+def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor",
+          joined: bool = False) -> list[torch.Tensor]:
+    """Split a full tensor into `tp` shards (views where the rule allows; with `joined`, gated shards
+    are `Joined` pairs, written without a concatenated copy)."""
     if rule == REPLICATED:
         return [t] * tp
     if rule == GATED:
         gate, up = t
-        return [torch.cat(pair, dim=0) for pair in zip(split(gate, COLUMN, tp, what), split(up, COLUMN, tp, what))]
+        pairs = zip(split(gate, COLUMN, tp, what), split(up, COLUMN, tp, what))
+        return [Joined(list(pair)) if joined else torch.cat(pair, dim=0) for pair in pairs]
     if rule == ROW and t.dim() == 1:
         return [t] * tp
     dim = 0 if rule == COLUMN else 1
@@ -38,18 +71,19 @@ def split(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: in
     return list(torch.chunk(t, tp, dim=dim))
 
 
-def split_stacked(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor") -> list[torch.Tensor]:
-    """`split` applied to every matrix of a stack [k, ...] at once (experts of one message): one copy
-    per TP rank instead of one per expert, and each expert's shard is then a contiguous view."""
+def split_stacked(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str, tp: int, what: str = "tensor",
+                  joined: bool = False) -> list[torch.Tensor | Joined]:
+    """`split` applied to every matrix of a stack [k, ...] at once (experts of one message), as views;
+    with `joined`, gated stacks are `Joined` along dim 1: indexing one expert gives its joined shard."""
     if rule == GATED:
         gate, up = t
         gates, ups = split_stacked(gate, COLUMN, tp, what), split_stacked(up, COLUMN, tp, what)
-        return [torch.cat(pair, dim=1) for pair in zip(gates, ups)]
+        return [Joined([g, u], dim=1) if joined else torch.cat((g, u), dim=1) for g, u in zip(gates, ups)]
     if rule not in (COLUMN, ROW) or t.dim() != 3:
         raise ValueError(f"split_stacked: {what} needs a stack of matrices with a column/row/gated rule")
     dim = 1 if rule == COLUMN else 2
     _check_divisible(t.shape[dim], tp, what)
-    return [c.contiguous() for c in torch.chunk(t, tp, dim=dim)]
+    return list(torch.chunk(t, tp, dim=dim))
 
 
 def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
