@@ -4,7 +4,8 @@ Generates synthetic bf16 HF checkpoints at each size (dense Llama-shaped -> TP2x
 with MLA/MoE/MTP -> TP2xEP2xPP2), converts each with convert.py, and prints per model: input and
 output bytes, wall time, throughput, peak PSS of the process tree (physical memory, shared pages
 counted once), the largest layer, and the raw I/O floor of the same machine measured in the same
-run (reading the input and writing as many bytes with plain file I/O). Warm cache: the input was
+run (reading the input and writing as many bytes with plain file I/O, then fsync), and the same with
+the writes through O_DIRECT (the device's pace, how the converter writes where it can). Warm cache: the input was
 just read. Cold cache: the page cache is dropped before the conversion and before the floor
 (needs root; reported as n/a otherwise).
 
@@ -76,7 +77,8 @@ def measure(src: Path, out: Path, flags: list[str], cold: bool, extra: list[str]
     if cold:
         drop_caches()
     floor = raw_floor(src, out_bytes, src.parent / "floor.bin")
-    return {"wall": wall, "floor": floor, "pss": peak["pss_sum"], "out": out_bytes}
+    direct = raw_floor(src, out_bytes, src.parent / "floor.bin", direct=True)
+    return {"wall": wall, "floor": floor, "direct": direct, "pss": peak["pss_sum"], "out": out_bytes}
 
 
 def main() -> None:
@@ -92,7 +94,7 @@ def main() -> None:
     models = [("dense", gb, bench_dense.make_model, DENSE_FLAGS) for gb in args.dense_gb]
     models += [("deepseek", gb, bench_deepseek.make_model, DEEPSEEK_FLAGS) for gb in args.deepseek_gb]
     print(f"{'model':>9} {'layers':>6} {'in GB':>6} {'out GB':>6} {'cache':>5} {'workers':>7} {'wall s':>7} {'GB/s':>5} {'floor s':>7} "
-          f"{'x floor':>7} {'peak PSS GB':>11} {'layer GB':>8} {'1 GB + 2 layers':>15}", flush=True)
+          f"{'x floor':>7} {'O_DIRECT floor s':>16} {'x':>5} {'peak PSS GB':>11} {'layer GB':>8} {'1 GB + 2 layers':>15}", flush=True)
     for family, gb, make, flags in models:
         shutil.rmtree(args.workdir, ignore_errors=True)
         src = args.workdir / "hf"
@@ -109,6 +111,7 @@ def main() -> None:
             budget = 1e9 + 2 * layer
             print(f"{family:>9} {cfg['num_hidden_layers']:>6} {in_bytes / 1e9:6.2f} {r['out'] / 1e9:6.2f} {cache:>5} {workers:>7} "
                   f"{r['wall']:7.2f} {in_bytes / r['wall'] / 1e9:5.2f} {r['floor']:7.2f} {r['wall'] / r['floor']:7.2f} "
+                  f"{r['direct']:16.2f} {r['wall'] / r['direct']:5.2f} "
                   f"{r['pss'] / 1e9:11.3f} {layer / 1e9:8.3f} {str(r['pss'] <= budget):>15}", flush=True)
     shutil.rmtree(args.workdir, ignore_errors=True)
     if os.environ.get("CI"):

@@ -130,6 +130,18 @@ def test_nan_warns_and_strict_fails(tmp_path, hf_dir):
     assert_clean_failure(strict, "NaN/Inf", "mlp l0 weight V", save_dir=tmp_path / "out2")
 
 
+def test_failure_after_rank_files_were_written_is_clean(tmp_path, hf_dir):
+    """The first stage's rank files are complete and the second's open when the last layer fails."""
+    last = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"] - 1
+
+    def poison(t):
+        t[f"model.layers.{last}.self_attn.o_proj.weight"][0, 0] = float("inf")
+    src = copy_model(hf_dir, tmp_path / "src", poison)
+    strict = to_mcore(src, tmp_path / "out", "--strict", "--target-pipeline-parallel-size", "2", "--target-tensor-parallel-size", "2")
+    assert_clean_failure(strict, "NaN/Inf", save_dir=tmp_path / "out")
+    assert "Fatal" not in strict.stderr and strict.returncode == 1, strict.stderr
+
+
 def test_header_lying_about_sizes(tmp_path, hf_dir):
     import struct
 

@@ -3,9 +3,11 @@ block boundaries and interleaving of files; the sha256 is the file's; write erro
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib import block_file
 from ckpt_lib.block_file import BlockFile
+from ckpt_lib.megatron_io import RankFileWriter
 from ckpt_lib.sharding import Joined
 
 
@@ -84,8 +87,36 @@ def test_a_failed_write_is_raised_with_the_file_name(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "pwrite", disk_full)
     f = BlockFile(tmp_path / "lost.bin", checksum=True)
-    f.put(torch.zeros(block_file.BLOCK // 4 + 1, dtype=torch.int32))  # fills a block: written in the background
-    with pytest.raises(OSError, match="lost.bin.*No space left"):  # from close, or from the file's end
+    with pytest.raises(OSError, match="lost.bin.*No space left"):  # from the next buffer, close, or the file's end
+        f.put(torch.zeros(2 * block_file.BLOCK // 4, dtype=torch.int32))  # the first block is written in the background
         f.close()[1].result()
     with pytest.raises(OSError, match="lost.bin"):
         f.put(torch.zeros(1))
+
+
+def test_open_files_do_not_keep_buffers(tmp_path, monkeypatch):
+    """More open files than buffers (rank files of a stage), and a record that fails half way: no
+    file keeps a buffer between records, so nothing waits forever for one."""
+    monkeypatch.setattr(block_file, "_SHARED", None)
+    writers = [RankFileWriter(tmp_path / f"r{i}.pt", 1) for i in range(3 * block_file.BUFFERS)]
+    broken = Joined([torch.ones(600_000), torch.empty(10, device="meta")])  # fails after 2.4 MB are copied
+
+    def convert() -> None:
+        for step in range(3):
+            for i, w in enumerate(writers):
+                w.add(0, f"w{step}", torch.full((1000,), float(i)))
+        with pytest.raises(NotImplementedError, match="meta"):
+            writers[0].add(0, "broken", broken)
+        for w in writers[1:]:  # the first one is broken: the conversion would stop here
+            w.close(argparse.Namespace(), 1)
+            w.finished.result()
+
+    worker = threading.Thread(target=convert, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "waited for a buffer held by another file"
+    pool = block_file._buffers()
+    assert pool.free.qsize() == pool.made
+    for i, w in enumerate(writers[1:], start=1):
+        model = torch.load(w.path, weights_only=False)["model"]
+        assert all(torch.equal(model[f"w{s}"], torch.full((1000,), float(i))) for s in range(3))

@@ -31,6 +31,7 @@ from .sharding import Joined
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of every common logical block size
 BLOCK = 16 << 20
 BUFFERS = 4  # one being filled, the rest being hashed or written: 64 MiB in all
+PARK_BYTES = 1 << 20  # less than this is kept as bytes between records, not written yet
 
 
 class _Buffers:
@@ -109,10 +110,13 @@ class BlockFile:
         self.tail = b""  # bytes past the last aligned boundary, kept while the buffer is lent out
         self.pending: torch.Tensor | Joined | None = None
         self.error: BaseException | None = None
+        self.discarded = False
 
     # -- file object protocol used by torch._C.PyTorchFileWriter
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
+        if self.discarded:
+            return len(view)
         done = 0
         while done < len(view):
             buf = self._space()
@@ -125,6 +129,8 @@ class BlockFile:
     def seek(self, size: int, whence: int) -> int:
         """torch writes a record's header, then skips its data: the pending tensor fills the gap."""
         value, self.pending = self.pending, None
+        if self.discarded:
+            return 0
         if whence != os.SEEK_CUR or value is None or value.nbytes != size:
             raise ValueError(f"{self.path}: record data of {size} bytes without a matching tensor")
         self.put(value)
@@ -135,6 +141,8 @@ class BlockFile:
 
     # -- tensors
     def put(self, value: torch.Tensor | Joined) -> None:
+        if self.discarded:
+            return
         if isinstance(value, Joined):
             if value.dim != 0:
                 raise ValueError("Joined: only dim 0 joins are written as they are")
@@ -212,9 +220,32 @@ class BlockFile:
         return hashed
 
     def park(self) -> None:
-        """Lend the buffer back while other files are written (its unaligned tail is kept here)."""
-        if self.buffer is not None:
+        """Give the buffer back between records, so that no buffer stays with a file (open files
+        may be many, and a failed conversion must not keep one): what is not written yet (less than
+        PARK_BYTES, or the unaligned end) is kept here as bytes."""
+        if self.buffer is None:
+            return
+        if self.fill >= PARK_BYTES:
             self._send(self.fill)
+            return
+        buf, self.buffer = self.buffer, None
+        self.tail = bytes(buf[0][:self.fill])
+        self.fill = 0
+        self.pool.free.put(buf)
+
+    def discard(self) -> None:
+        """A failed conversion: drop whatever comes next, give the buffer back, close the descriptor
+        once the writes already queued are done."""
+        if self.discarded:
+            return
+        self.discarded = True
+        if self.buffer is not None:
+            self.pool.free.put(self.buffer)
+            self.buffer = None
+        try:
+            self.pool.writer.submit(os.close, self.fd)
+        except RuntimeError:  # the interpreter is shutting down: no more background work
+            os.close(self.fd)
 
     def close(self) -> tuple[int, Future[str | None]]:
         """Write what is left and end the file (in the background); the size now, the sha256 later."""

@@ -79,7 +79,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="dtype of the saved weights (default: the source's)")
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
     group.add_argument("--no-checksums", action="store_true",
-                       help="Leave sha256 out of conversion_manifest.json (hashing costs about 1 s per 2 GB of output)")
+                       help="Leave sha256 out of conversion_manifest.json (hashed as written, beside the conversion: 0.7 s of CPU per GB of output)")
     optimizer_state.add_saver_arguments(group)
 
 
@@ -299,7 +299,6 @@ class McoreSaver:
                         self.writers[key] = RankFileWriter(path, len(chunks), self.manifest.checksums)
                     for name, tensor in self._rewrite(chunk).items():
                         self.writers[key].add(index, name, tensor)
-                    self.writers[key].park()
                     chunk.clear()
 
     def _write_rank(self, pp_rank: int, root: Path) -> None:
@@ -333,6 +332,15 @@ class McoreSaver:
         return ns
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
+        """Every message into rank files under `root`; on failure the open files are abandoned."""
+        try:
+            self._receive(reader, root)
+        except BaseException:
+            for writer in self.writers.values():
+                writer.abandon()
+            raise
+
+    def _receive(self, reader: P.MessageReader, root: Path) -> None:
         md, first, last = self.md, self.first, self.last
         msg = reader.get(P.EMBEDDINGS)
         word = msg[P.WORD_EMB]

@@ -103,14 +103,26 @@ class RankFileWriter:
                 value = value.detach()
             ref = _StorageRef(str(self._records), value.dtype, value.shape.numel())
             self._file.pending = value
-            self._zip.write_record_metadata(f"data/{ref.key}", value.nbytes)
+            try:
+                self._zip.write_record_metadata(f"data/{ref.key}", value.nbytes)
+            except BaseException:
+                self.abandon()
+                raise
+            finally:
+                self._file.park()
             self._records += 1
             value = _WrittenTensor(ref, value.shape)
         self.chunks[chunk][name] = value
 
-    def park(self) -> None:
-        """Other rank files are written next: give the shared write buffer back."""
-        self._file.park()
+    def abandon(self) -> None:
+        """The conversion failed: stop writing this file. The zip is ended here, errors ignored, so
+        that torch's writer does not try again when it is destroyed (an exception there aborts the
+        process instead of the one clear error line)."""
+        self._file.discard()
+        if hasattr(self, "_zip"):
+            with contextlib.suppress(Exception):
+                self._zip.write_end_of_file()
+            del self._zip
 
     def described(self) -> dict[str, Any]:
         """Everything written, by its path in the file (`model/...` or `model0/...`)."""
