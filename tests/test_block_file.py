@@ -95,8 +95,8 @@ def test_a_failed_write_is_raised_with_the_file_name(tmp_path, monkeypatch):
 
 
 def test_open_files_do_not_keep_buffers(tmp_path, monkeypatch):
-    """More open files than buffers (rank files of a stage), and a record that fails half way: no
-    file keeps a buffer between records, so nothing waits forever for one."""
+    """More open files than buffers (rank files of a stage, each parked when the next one's turn
+    comes), and a record that fails half way: no file keeps a buffer, nothing waits forever for one."""
     monkeypatch.setattr(block_file, "_SHARED", None)
     writers = [RankFileWriter(tmp_path / f"r{i}.pt", 1) for i in range(3 * block_file.BUFFERS)]
     broken = Joined([torch.ones(600_000), torch.empty(10, device="meta")])  # fails after 2.4 MB are copied
@@ -105,6 +105,7 @@ def test_open_files_do_not_keep_buffers(tmp_path, monkeypatch):
         for step in range(3):
             for i, w in enumerate(writers):
                 w.add(0, f"w{step}", torch.full((1000,), float(i)))
+                w.park()
         with pytest.raises(NotImplementedError, match="meta"):
             writers[0].add(0, "broken", broken)
         for w in writers[1:]:  # the first one is broken: the conversion would stop here

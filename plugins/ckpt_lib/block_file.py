@@ -31,7 +31,6 @@ from .sharding import Joined
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of every common logical block size
 BLOCK = 16 << 20
 BUFFERS = 4  # one being filled, the rest being hashed or written: 64 MiB in all
-PARK_BYTES = 1 << 20  # less than this is kept as bytes between records, not written yet
 
 
 class _Buffers:
@@ -220,18 +219,10 @@ class BlockFile:
         return hashed
 
     def park(self) -> None:
-        """Give the buffer back between records, so that no buffer stays with a file (open files
-        may be many, and a failed conversion must not keep one): what is not written yet (less than
-        PARK_BYTES, or the unaligned end) is kept here as bytes."""
-        if self.buffer is None:
-            return
-        if self.fill >= PARK_BYTES:
+        """Other files are written next (the rank files of a stage take turns): send what is filled
+        and give the buffer back, keeping the unaligned end (< ALIGN bytes) here."""
+        if self.buffer is not None:
             self._send(self.fill)
-            return
-        buf, self.buffer = self.buffer, None
-        self.tail = bytes(buf[0][:self.fill])
-        self.fill = 0
-        self.pool.free.put(buf)
 
     def discard(self) -> None:
         """A failed conversion: drop whatever comes next, give the buffer back, close the descriptor

@@ -299,6 +299,7 @@ class McoreSaver:
                         self.writers[key] = RankFileWriter(path, len(chunks), self.manifest.checksums)
                     for name, tensor in self._rewrite(chunk).items():
                         self.writers[key].add(index, name, tensor)
+                    self.writers[key].park()
                     chunk.clear()
 
     def _write_rank(self, pp_rank: int, root: Path) -> None:

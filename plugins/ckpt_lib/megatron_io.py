@@ -108,11 +108,13 @@ class RankFileWriter:
             except BaseException:
                 self.abandon()
                 raise
-            finally:
-                self._file.park()
             self._records += 1
             value = _WrittenTensor(ref, value.shape)
         self.chunks[chunk][name] = value
+
+    def park(self) -> None:
+        """Other rank files are written next: give the shared write buffer back."""
+        self._file.park()
 
     def abandon(self) -> None:
         """The conversion failed: stop writing this file. The zip is ended here, errors ignored, so
