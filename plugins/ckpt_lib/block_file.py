@@ -4,10 +4,10 @@ Why: writing through the page cache faults in one new page per 4 KiB of output, 
 shard needs a contiguous copy first, in more new pages. Touching new memory is the dearest thing a
 conversion does on a VM whose freed pages go back to the host (measured here: 0.4-1.5 GB/s, against
 5 GB/s into memory used before). Here every tensor, strided or joined, is copied once into one of
-a few buffers that are used again and again, and each full buffer goes to the device directly from
-one background thread, which also hashes it (sha256) in file order: nothing is read back. Where
-O_DIRECT is refused (tmpfs, some network file systems) the same buffers go through the page cache.
-Every file ends with fsync, so an output committed by rename survives a power loss.
+a few buffers that are used again and again; one background thread writes each full buffer to the
+device directly and another hashes it (sha256, in file order), side by side: nothing is read back.
+Where O_DIRECT is refused (tmpfs, some network file systems) the same buffers go through the page
+cache. Every file ends with fsync, so an output committed by rename survives a power loss.
 """
 
 from __future__ import annotations
