@@ -16,7 +16,7 @@ from .families import Section, deepseek, dense, experts_from_protocol, from_prot
 from .lora import LORA_A, LORA_B
 from .manifest import Manifest
 from .runtime import Summary, progress
-from .safetensors_io import ShardedWriter, parse_size, write_file
+from .safetensors_io import ShardedWriter, parse_size, start_file
 from .staging import StagedDir, check_target
 
 # Files copied from --hf-config-dir besides config.json (tokenizer and generation settings).
@@ -40,7 +40,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="Rows of the output vocabulary (default: from the source, else config.json)")
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
     group.add_argument("--no-checksums", action="store_true",
-                       help="Leave sha256 out of conversion_manifest.json (hashing reads the output again: about 0.7 s per GB)")
+                       help="Leave sha256 out of conversion_manifest.json (hashed as written, beside the conversion: 0.7 s of CPU per GB of output)")
 
 
 def layer_section(md: argparse.Namespace, layer: int) -> Section:
@@ -112,10 +112,14 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
         "base_model_name_or_path": args.hf_config_dir,
     }
     with StagedDir(args.save_dir, args.overwrite) as staged:
-        summary.add_file(write_file(staged.path / "adapter_model.safetensors", tensors))
-        (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         manifest = Manifest(not getattr(args, "no_checksums", False))
-        manifest.record("adapter_model.safetensors", tensors)
+        adapter = staged.path / "adapter_model.safetensors"
+        size, finished = start_file(adapter, tensors, checksum=manifest.checksums)
+        summary.add_file(size)
+        (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        manifest.record(adapter.name, tensors)
+        manifest.checksum_from(adapter, finished)
+        manifest.wait_for_files()
         manifest.write(staged.path)
         target = staged.commit()
     summary.notes.append(f"{len(tensors) // 2} adapted modules, r={rank}, targets {sorted(targets)}")
@@ -138,7 +142,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
     summary = Summary("saver_hf")
     with StagedDir(args.save_dir, args.overwrite) as staged:
-        writer = ShardedWriter(staged.path, parse_size(args.max_shard_size))
+        manifest = Manifest(not getattr(args, "no_checksums", False))
+        writer = ShardedWriter(staged.path, parse_size(args.max_shard_size), manifest.checksums)
 
         kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
 
@@ -173,10 +178,10 @@ def save(queue: Any, args: argparse.Namespace) -> None:
                 writer.add(f"model.layers.{layer}.{copy}", kept[original])
         if P.receive_end(reader) is not None:
             print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
-        manifest = Manifest(not getattr(args, "no_checksums", False))
-        for path, tensors in writer.close().items():
+        for path, (tensors, finished) in writer.close().items():
             summary.add_file(path.stat().st_size)
             manifest.record(path.name, tensors)
+            manifest.checksum_from(path, finished)
         cfg["vocab_size"] = vocab
         (staged.path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if args.hf_config_dir:

@@ -13,12 +13,14 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .block_file import BlockFile
 from .errors import ConversionError
 
 DTYPES = {
@@ -317,6 +319,15 @@ class SafetensorsSource:
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
     """Write one safetensors file straight from tensor memory (no serialisation copy). Returns bytes."""
+    size, finished = start_file(path, tensors, metadata)
+    finished.result()
+    return size
+
+
+def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               checksum: bool = False) -> tuple[int, Future[str | None]]:
+    """`write_file` whose end is written in the background (`block_file`): its size now, and a
+    future done when the file is complete (its result the sha256 with `checksum`)."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -326,24 +337,31 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    f = BlockFile(path, checksum)
+    try:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return 8 + len(raw) + offset
+                f.put(t.detach())
+        size, finished = f.close()
+    except BaseException:
+        f.discard()  # its buffer back to the pool
+        raise
+    assert size == 8 + len(raw) + offset
+    return size, finished
 
 
 class ShardedWriter:
     """Writes tensors into HF-style shards of at most `max_shard_bytes` as they arrive."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+    def __init__(self, directory: Path, max_shard_bytes: int, checksum: bool = False) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
+        self.checksum = checksum
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[tuple[Path, dict[str, torch.Tensor]]] = []
+        self.shards: list[tuple[Path, dict[str, torch.Tensor], Future[str | None]]] = []
         self.total_bytes = 0
         self.bytes_written = 0
 
@@ -355,23 +373,26 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self.shards):05d}.tmp"
-        self.bytes_written += write_file(path, self.pending)
-        self.shards.append((path, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in self.pending.items()}))
+        size, finished = start_file(path, self.pending, checksum=self.checksum)
+        self.bytes_written += size
+        self.shards.append((path, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in self.pending.items()}, finished))
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> dict[Path, dict[str, torch.Tensor]]:
+    def close(self) -> dict[Path, tuple[dict[str, torch.Tensor], Future[str | None]]]:
         """Name the shards like `save_pretrained`, write the index when there are several; returns
-        each shard's path with its tensors (as meta tensors, for the manifest)."""
+        each shard's path with its tensors (as meta tensors, for the manifest) and its finished write
+        (the sha256 with `checksum`)."""
         if self.pending or not self.shards:
             self._flush()
         count = len(self.shards)
-        final: dict[Path, dict[str, torch.Tensor]] = {}
+        final: dict[Path, tuple[dict[str, torch.Tensor], Future[str | None]]] = {}
         weight_map: dict[str, str] = {}
-        for i, (tmp, tensors) in enumerate(self.shards):
+        for i, (tmp, tensors, finished) in enumerate(self.shards):
+            finished.result()  # complete (or its write error raised) before it is named
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.replace(tmp, self.directory / name)
-            final[self.directory / name] = tensors
+            final[self.directory / name] = tensors, finished
             weight_map.update(dict.fromkeys(tensors, name))
         if count > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
