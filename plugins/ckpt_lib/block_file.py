@@ -54,7 +54,7 @@ class _Buffers:
         return self.free.get()
 
 
-class _Lent:
+class _InFlight:
     """A buffer out with the background threads: back in the pool when the last of them is done."""
 
     def __init__(self, pool: _Buffers, buffer: tuple[mmap.mmap, torch.Tensor], users: int) -> None:
@@ -211,7 +211,7 @@ class BlockFile:
     def _hand_over(self, buf: tuple[mmap.mmap, torch.Tensor], valid: int, length: int) -> Future[None] | None:
         """Hash the first `valid` bytes and write `length` (ALIGN-padded) at the buffer's offset, in
         the background; the hashing's future."""
-        lent = _Lent(self.pool, buf, 2 if self.digest is not None else 1)
+        lent = _InFlight(self.pool, buf, 2 if self.digest is not None else 1)
         hashed = None
         if self.digest is not None:
             hashed = self.pool.hasher.submit(self._hash_block, lent, valid)
@@ -246,7 +246,7 @@ class BlockFile:
         hashed = self._hand_over(buf, valid, -(-valid // ALIGN) * ALIGN)
         return size, self.pool.writer.submit(self._finish, size, hashed)
 
-    def _hash_block(self, lent: _Lent, valid: int) -> None:
+    def _hash_block(self, lent: _InFlight, valid: int) -> None:
         try:
             assert self.digest is not None
             with memoryview(lent.buffer[0]) as view:
@@ -254,7 +254,7 @@ class BlockFile:
         finally:
             lent.release()
 
-    def _write_block(self, lent: _Lent, offset: int, length: int) -> None:
+    def _write_block(self, lent: _InFlight, offset: int, length: int) -> None:
         try:
             if self.error is None and length:
                 with memoryview(lent.buffer[0]) as view:

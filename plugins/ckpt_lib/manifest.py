@@ -49,7 +49,7 @@ class Manifest:
     def __init__(self, checksums: bool = True) -> None:
         self.checksums = checksums
         self.tensors: dict[str, dict[str, dict[str, Any]]] = {}
-        self._hashing: dict[Path, Future[str]] = {}
+        self._hashing: dict[Path, Future[str | None]] = {}
         self._known: dict[str, dict[str, Any]] = {}  # files described by workers' parts
 
     def record(self, relpath: str, tensors: dict[str, Any]) -> None:
@@ -67,8 +67,7 @@ class Manifest:
 
     def forget_checksums(self) -> None:
         """Files were rewritten after they were hashed: hash them again when the manifest is written."""
-        for future in self._hashing.values():
-            future.result()
+        self.wait_for_files()
         self._hashing.clear()
 
     def _sha256(self, path: Path) -> str | None:

@@ -333,7 +333,9 @@ class McoreSaver:
         return ns
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
-        """Every message into rank files under `root`; on failure the open files are abandoned."""
+        """Every message into rank files under `root`. On failure the open files are abandoned: a file
+        caught between two records would otherwise keep a shared write buffer for the life of the
+        process (an in-process conversion runs on after a failed one) and its descriptor open."""
         try:
             self._receive(reader, root)
         except BaseException:
