@@ -142,7 +142,7 @@ def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: 
     md.share_layers = layers_to_send(args, md)
     if md.share_layers is not None:
         plan = [step for step in plan if step.layer is None or step.layer in md.share_layers]
-    queue.put(md)
+    P.send_metadata(queue, md, args)
     read = getattr(source, "pending", source.get)  # deferred reads where the source offers them
     for step in progress(plan, len(plan), what):
         msg = step.build(read, md)

@@ -51,6 +51,7 @@ class Manifest:
         self.tensors: dict[str, dict[str, dict[str, Any]]] = {}
         self._hashing: dict[Path, Future[str | None]] = {}
         self._known: dict[str, dict[str, Any]] = {}  # files described by workers' parts
+        self.target: dict[str, str] | None = None  # what the output is written for, e.g. the megatron-core release
 
     def record(self, relpath: str, tensors: dict[str, Any]) -> None:
         self.tensors[relpath] = describe(tensors)
@@ -83,7 +84,8 @@ class Manifest:
 
     def write_part(self, root: Path, index: int) -> None:
         """One worker's files and tensors, for `merge_parts` once every worker is done."""
-        part = {"files": {rel: self._describe_file(root, rel) for rel in self.tensors}, "tensors": self.tensors}
+        part = {"files": {rel: self._describe_file(root, rel) for rel in self.tensors}, "tensors": self.tensors,
+                "target": self.target}
         (root / PART.format(index=index)).write_text(json.dumps(part))
 
     @classmethod
@@ -96,6 +98,7 @@ class Manifest:
             path.unlink()
             merged.tensors.update(part["tensors"])
             merged._known.update(part["files"])
+            merged.target = part["target"]
         merged.checksums = all(f["sha256"] is not None for f in merged._known.values())
         return merged
 
@@ -118,6 +121,8 @@ class Manifest:
             "files": files,
             "tensors": dict(sorted(self.tensors.items())),
         }
+        if self.target is not None:
+            doc["target"] = self.target
         (root / NAME).write_text(json.dumps(doc, indent=1) + "\n")
 
 

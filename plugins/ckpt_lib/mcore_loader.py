@@ -33,6 +33,7 @@ from .mcore_names import (
     expert_params,
     layer_params,
 )
+from .mcore_version import detect_mtp_submodule
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
 from .mindspeed import from_mindspeed, is_mindspeed
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
@@ -233,6 +234,8 @@ class McoreLoader:
             raise ConversionError(f"{md.num_experts} experts do not split into the checkpoint's {buckets} expert groups")
         self.experts_per_rank = md.num_experts // buckets if md.num_experts else 0
         self.last = self.layout.last_segment()
+        last_names = _tensor_names(f.chunks(0, self.last.pp_rank, 0)[self.last.chunk]) if md.mtp_num_layers else []
+        self.mtp_submodule = detect_mtp_submodule(last_names)  # megatron-core 0.17+ or older names
         self._check_names()
 
     @staticmethod
@@ -298,7 +301,7 @@ class McoreLoader:
                 names.add("embedding.word_embeddings.weight")
             for k in range(md.mtp_num_layers):
                 names.update(MTP_PREFIX.format(index=k) + p.name for p in MTP_PARAMS)
-                names |= self._layer_names(MTP_LAYER_PREFIX.format(index=k), md.num_layers + k, ep)
+                names |= self._layer_names(MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule), md.num_layers + k, ep)
         return names
 
     def _check_names(self) -> None:
@@ -390,7 +393,7 @@ class McoreLoader:
         """--save-lora-to-hf: metadata with the LoRA settings, then each layer's adapters."""
         md = self.md
         md.lora_export = {"r": self.lora.rank, "alpha": self.lora.alpha, "rslora": self.lora.rslora}
-        queue.put(md)
+        P.send_metadata(queue, md, self.args)
         for layer in range(md.num_layers):
             seg, local = self.layout.locate_real(layer)
             msg = self._gather_adapters(self._layer_params(P.is_moe_layer(md, layer)), seg, LAYER_PREFIX.format(layer=local))
@@ -405,7 +408,7 @@ class McoreLoader:
         md.share_layers = layers_to_send(self.args, md)  # a worker sends only the layers it writes
         sent = set(range(md.num_layers + md.mtp_num_layers) if md.share_layers is None else md.share_layers)
         optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
-        queue.put(md)
+        P.send_metadata(queue, md, self.args)
         queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, self.layout.first_segment())})
         layers = [layer for layer in range(md.num_layers) if layer in sent]
         for layer in progress(layers, len(layers), "loader_core_ext"):
@@ -415,7 +418,8 @@ class McoreLoader:
         if md.output_layer:
             queue.put({"name": P.OUTPUT_LAYER, **self._gather(OUTPUT_PARAMS, self.last)})
         for k in (k for k in range(md.mtp_num_layers) if md.num_layers + k in sent):
-            self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last, MTP_LAYER_PREFIX.format(index=k),
+            self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last,
+                             MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule),
                              MTP_PARAMS, MTP_PREFIX.format(index=k))
         if optim is not None:
             queue.put(optim)

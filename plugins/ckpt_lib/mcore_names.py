@@ -118,7 +118,7 @@ def expert_params(impl: str, grouped_gemm: bool = False) -> tuple[Param, ...]:
 
 
 MTP_PREFIX = "mtp.layers.{index}."
-MTP_LAYER_PREFIX = "mtp.layers.{index}.transformer_layer."
+MTP_LAYER_PREFIX = "mtp.layers.{index}.{submodule}."  # submodule: mcore_version.MTP_SUBMODULES
 MTP_PARAMS = (
     Param("enorm.weight", (P.MTP_ENORM_W,), REPLICATED),
     Param("hnorm.weight", (P.MTP_HNORM_W,), REPLICATED),

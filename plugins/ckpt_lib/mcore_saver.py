@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import optimizer_state
+from . import mcore_version, optimizer_state
 from . import protocol as P
 from .errors import ConversionError
 from .manifest import Manifest, describe
@@ -42,7 +42,12 @@ from .staging import StagedDir, check_target
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
+    group.add_argument("--megatron-path", type=str, default=None,
+                       help="A Megatron-LM checkout: not needed, but its megatron/core version sets --target-mcore-version's default")
+    group.add_argument("--target-mcore-version", type=str, default=None,
+                       help="megatron-core release (X.Y) that will load the checkpoint; names differ from 0.17 on "
+                            "(MTP). Default: the Megatron-LM checkout's, else the installed megatron-core's, "
+                            f"else {mcore_version.NEWEST[0]}.{mcore_version.NEWEST[1]}")
     group.add_argument("--target-tensor-parallel-size", type=int, default=None,
                        help="Target TP size (default: the source's, else 1)")
     group.add_argument("--target-pipeline-parallel-size", type=int, default=None,
@@ -112,6 +117,9 @@ class McoreSaver:
         self.tp_extend = bool(getattr(args, "moe_tp_extend_ep", False))
         self.mm_split = bool(getattr(args, "mla_mm_split", False))
         self.impl = "local" if self.naming == "mindspeed" or self.torch_dist else args.saver_transformer_impl
+        self.mcore = self._target_mcore()
+        # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
+        self.mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == "mindspeed" else self.mcore.mtp_submodule
         self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
@@ -131,6 +139,7 @@ class McoreSaver:
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
         self.manifest = Manifest(not getattr(args, "no_checksums", False))
+        self.manifest.target = {"megatron_core": self.mcore.text, "chosen_by": self.mcore.source}
 
     def _check_share(self) -> None:
         """A worker writes legacy rank files, and needs every layer of the stages it owns."""
@@ -142,6 +151,15 @@ class McoreSaver:
 
     def _owns(self, pp_rank: int, ep_rank: int, tp_rank: int) -> bool:
         return self.share is None or self.share.owns(pp_rank, ep_rank, tp_rank, (self.tp, self.pp, self.ep))
+
+    def _target_mcore(self) -> mcore_version.Target:
+        """The megatron-core release whose names the files carry. torch_dist keys are the same in every
+        release, but are looked up by the names of the megatron-core that writes them (imported here)."""
+        if self.torch_dist:
+            from megatron.core import package_info
+
+            return mcore_version.Target(mcore_version.parse(package_info.__version__), "megatron-core writing torch_dist")
+        return mcore_version.resolve(getattr(self.args, "target_mcore_version", None), getattr(self.args, "megatron_path", None))
 
     def _check_torch_dist(self, noop: list[int]) -> None:
         """torch_dist is megatron-core's format: its names, no MindSpeed-only layouts."""
@@ -330,6 +348,7 @@ class McoreSaver:
                            schedules_method=getattr(self.args, "schedules_method", None), naming=self.naming,
                            moe_grouped_gemm=self.grouped, moe_tp_extend_ep=self.tp_extend, mla_mm_split=self.mm_split)
         ns.ckpt_format = "torch_dist" if self.torch_dist else "torch"
+        ns.target_mcore_version = self.mcore.text
         return ns
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
@@ -380,8 +399,8 @@ class McoreSaver:
                 for tp_rank, shard in enumerate(self.word_shards):
                     per_tp[tp_rank].update(dict.fromkeys(self.copies, shard))
         for k in (k for k in range(self.mtp_layers) if md.num_layers + k in self.sent):
-            self._receive_layer(reader, P.mtp_message(k), md.num_layers + k, last, MTP_LAYER_PREFIX.format(index=k),
-                                MTP_PARAMS, MTP_PREFIX.format(index=k))
+            self._receive_layer(reader, P.mtp_message(k), md.num_layers + k, last,
+                                MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule), MTP_PARAMS, MTP_PREFIX.format(index=k))
         self.optimizer = optimizer_state.receive_message(P.receive_end(reader), reader)
         self._write_rank(last.pp_rank, root)
         for rank in sorted(self.state):
@@ -417,4 +436,5 @@ def save(queue: Any, args: argparse.Namespace) -> None:
          f"layers/stage {saver.layout.layers_per_stage()} ") + f"impl {saver.impl} "
         f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )
+    saver.summary.notes.append(f"names of megatron-core {saver.mcore.text} ({saver.mcore.source})")
     saver.summary.print(target)

@@ -480,7 +480,8 @@ def loader_message(loader: Any) -> dict[str, Any] | None:
             _note("optimizer state: only the distributed optimizer's state (distrib_optim.pt) is carried; this checkpoint's is not")
         return None
     reason = ("LoRA adapters are merged" if loader.found_adapters or loader.lora_files is not None else
-              "MindSpeed-LLM names" if loader.mindspeed or loader.tp_extend else None)
+              "MindSpeed-LLM names" if loader.mindspeed or loader.tp_extend else
+              f"upstream saver_{args.saver} does not take it" if getattr(args, "saver", None) in P.UPSTREAM_SAVERS else None)
     if reason:
         _note(f"optimizer state not carried ({reason}); pass --no-load-optim to silence this")
         return None

@@ -170,11 +170,49 @@ def receive_end(reader: MessageReader) -> dict[str, Any] | None:
 
 
 def receive_metadata(reader: MessageReader) -> argparse.Namespace:
-    """The first message: the metadata Namespace, completed for upstream loaders' messages."""
+    """The first message: the metadata namespace (ours an argparse Namespace, upstream loaders' a
+    types.SimpleNamespace), completed for upstream loaders' messages."""
     md = reader.get_raw()
-    if not isinstance(md, argparse.Namespace):
-        raise ConversionError("the first message must be the metadata Namespace")
-    return normalize_metadata(md)
+    if isinstance(md, (str, dict)) or not hasattr(md, "__dict__"):
+        raise ConversionError(f"the first message must be the metadata namespace, got {type(md).__name__}")
+    return normalize_metadata(argparse.Namespace(**vars(md)))
+
+
+# Upstream Megatron-LM savers (tools/checkpoint/saver_<name>.py), which hold only dense GPT/BERT models.
+UPSTREAM_SAVERS = ("core", "mcore", "legacy")
+
+
+def send_metadata(queue: Any, md: argparse.Namespace, args: argparse.Namespace) -> None:
+    """Put the first message on the queue, in the form upstream savers accept as well as ours.
+
+    A dense model's metadata carries no `num_experts` (upstream `saver_base.build_sys_argv` passes
+    `--num-experts str(md.num_experts)`, and "None" or 0 both fail Megatron's argument checks) and
+    `checkpoint_args.num_experts` None. Before upstream savers, a model they cannot hold is refused
+    here, before anything is written, instead of failing half-way or exiting 0 having written nothing."""
+    wire = argparse.Namespace(**vars(md))
+    if not wire.num_experts:
+        del wire.num_experts
+    if getattr(wire, "checkpoint_args", None) is not None:
+        wire.checkpoint_args = argparse.Namespace(**{**vars(wire.checkpoint_args), "num_experts": getattr(wire, "num_experts", None)})
+    saver = getattr(args, "saver", None)
+    if saver in UPSTREAM_SAVERS:
+        refuse_for_upstream_saver(wire, saver)
+    queue.put(wire)
+
+
+def refuse_for_upstream_saver(md: argparse.Namespace, saver: str) -> None:
+    """Upstream savers take dense GPT/BERT layers only (their schema has no key for the rest)."""
+    features = [
+        ("q/k layernorm (Qwen3-style)", getattr(md, "qk_layernorm", False)),
+        ("multi-latent attention (MLA)", getattr(md, "multi_latent_attention", False)),
+        ("MoE experts", getattr(md, "num_experts", None)),
+        ("multi-token prediction (MTP)", getattr(md, "mtp_num_layers", 0)),
+        ("LoRA adapter export", getattr(md, "lora_export", None)),
+    ]
+    found = [name for name, present in features if present]
+    if found:
+        raise ConversionError(f"upstream saver_{saver} cannot hold this model ({', '.join(found)}); "
+                              f"use --saver core_ext, which writes the same Megatron-Core checkpoint")
 
 
 def receive_experts(reader: MessageReader, message: str, md: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -280,6 +318,9 @@ def global_shapes(md: argparse.Namespace, vocab_rows: int) -> dict[str, dict[str
 def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
     """Accept metadata from upstream loaders, which keep model options only in `checkpoint_args`."""
     ca = getattr(md, "checkpoint_args", None) or argparse.Namespace()
+    if not hasattr(md, "num_experts") and getattr(ca, "num_experts", None):
+        raise ConversionError("an upstream loader's MoE checkpoint (experts stacked in the layer messages) is not "
+                              "supported by this saver; read it with --loader core_ext")
     heads = md.num_attention_heads
     defaults = {
         "ffn_hidden_size": getattr(ca, "ffn_hidden_size", None) or 4 * md.hidden_size,
