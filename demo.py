@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "tests")]
 
 from mcore_harness import mcore_logits  # noqa: E402
 from util import hf_logits, make_hf_model, read_safetensors_dir  # noqa: E402
