@@ -1,8 +1,10 @@
 """HuggingFace DeepSeek-V3 (bf16 or fp32) -> protocol: MLA, MoE (experts streamed in bounded
 messages), and the MTP layer stored as layer `num_hidden_layers`.
 
-FP8 checkpoints (`*_weight_scale_inv`) are refused: dequantize them to bf16 first with DeepSeek's
-`fp8_cast_bf16.py`, as the seeds prescribe.
+FP8 releases (float8_e4m3fn weights with `*_weight_scale_inv` block scales, config.json
+`quantization_config`) are read directly: each weight is dequantized while it streams (see `fp8`),
+to the saver's `--params-dtype` when given, else to the dtype of the checkpoint's unquantized weights
+(bf16 in DeepSeek's releases), rounded once as DeepSeek's `fp8_cast_bf16.py` does.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import fp8
+from . import protocol as P
 from .errors import ConversionError
 from .families import deepseek
 from .hf_loader import add_strict, check_copy, deepseek_plan, read_config, stream, validate
@@ -40,10 +42,13 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     cfg = read_config(load_dir)
     if cfg.get("model_type") not in ("deepseek_v3", None):
         raise ConversionError(f"config.json: model_type {cfg.get('model_type')!r} is not deepseek_v3")
-    source = SafetensorsSource.from_dir(load_dir)
-    fp8 = [n for n in source.names() if n.endswith("_scale_inv") or source.dtype(n) in (torch.float8_e4m3fn, torch.float8_e5m2)]
-    if fp8:
-        raise ConversionError(f"FP8 checkpoint ({fp8[0]}): dequantize it to bf16 first (DeepSeek's fp8_cast_bf16.py)")
+    raw = SafetensorsSource.from_dir(load_dir)
+    embed = "model.embed_tokens.weight"
+    if embed not in raw:
+        raise ConversionError(f"tensor {embed!r} is missing from the checkpoint")
+    # FP8 weights are rounded once, to what the saver writes: its --params-dtype, else the source's dtype
+    dtype = P.DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else raw.dtype(embed)
+    source = fp8.open_dequantized(raw, cfg, dtype)
     if args.mtp_num_layers not in (0, 1):
         raise ConversionError(f"--mtp-num-layers {args.mtp_num_layers}: only 0 or 1 is supported")
     if args.first_k_dense_replace is not None:
@@ -56,10 +61,15 @@ def load(queue: Any, args: argparse.Namespace) -> None:
                               f"{cfg.get('num_hidden_layers')} + {len(noop)} noop layers")
     if args.experts_per_message < 1:
         raise ConversionError("--experts-per-message must be >= 1")
-    embed = "model.embed_tokens.weight"
-    if embed not in source:
-        raise ConversionError(f"tensor {embed!r} is missing from the checkpoint")
     md = deepseek.metadata_from_hf(cfg, source.dtype(embed), args.mtp_num_layers)
+    if isinstance(source, fp8.Fp8Source):
+        # kept in hf_config (it travels into Megatron checkpoints) for a saver that writes FP8 again;
+        # saver_hf writes the dequantized weights and leaves it out of config.json
+        md.source_quantization = source.quantization
+        print(f"loader_hf_deepseek3: FP8 checkpoint ({len(source.scales)} block-scaled weights, blocks of "
+              f"{list(source.block)}): dequantized to {str(dtype).removeprefix('torch.')} while reading")
+    else:
+        md.hf_config.pop("quantization_config", None)  # a dequantized copy's stale setting
     if args.mtp_num_layers and (cfg.get("num_nextn_predict_layers") or 0) < 1:
         raise ConversionError("--mtp-num-layers 1, but config.json has num_nextn_predict_layers 0")
     plan = deepseek_plan(md, args.experts_per_message)
@@ -72,5 +82,8 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         for copy, original in copies.items():
             check_copy(source, copy, original)
     elif mtp_names:
-        print(f"loader_hf_deepseek3: skipping the {len(mtp_names)} MTP tensors of layer {md.num_layers} (--mtp-num-layers 0)")
+        scales = sum(n in getattr(source, "scales", {}) for n in mtp_names)
+        with_scales = f" (and the FP8 scales of {scales})" if scales else ""
+        print(f"loader_hf_deepseek3: skipping the {len(mtp_names)} MTP tensors{with_scales} of layer {md.num_layers} "
+              "(--mtp-num-layers 0)")
     stream(queue, source, md, plan, "loader_hf_deepseek3", args)

@@ -183,6 +183,10 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             manifest.record(path.name, tensors)
             manifest.checksum_from(path, finished)
         cfg["vocab_size"] = vocab
+        # The weights arrive dequantized (an FP8 source's config.json is kept in hf_config, or given with
+        # --hf-config-dir): a quantization_config would make transformers expect FP8 tensors and scales.
+        if cfg.pop("quantization_config", None) is not None:
+            summary.notes.append("FP8 source written dequantized: quantization_config left out of config.json")
         (staged.path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if args.hf_config_dir:
             for name in COMPANION_FILES:

@@ -9,6 +9,7 @@ written.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -191,10 +192,10 @@ class SafetensorsFile:
             return
         self._read(name, _contiguous_blocks(dest.view(torch.uint8).numpy()))
 
-    def _read(self, name: str, buffers: list[memoryview]) -> None:
-        """Fill `buffers` in order from the tensor's bytes: one preadv per 1024 buffers, from the page
-        cache straight into place."""
-        offset = self.data_start + self.entries[name][2]
+    def _read(self, name: str, buffers: list[memoryview], start: int = 0) -> None:
+        """Fill `buffers` in order from the tensor's bytes (from byte `start` of the tensor): one preadv
+        per 1024 buffers, from the page cache straight into place."""
+        offset = self.data_start + self.entries[name][2] + start
         buffers = [b for b in buffers if len(b)]
         if buffers and self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -232,12 +233,18 @@ class Pending:
         return len(self.shape)
 
     def reshape(self, *shape: int) -> Pending:
-        return Pending(self.file, self.name, torch.empty(self.shape, device="meta").reshape(*shape).shape)
+        return self.with_shape(torch.empty(self.shape, device="meta").reshape(*shape).shape)
 
     def unsqueeze(self, dim: int) -> Pending:
         shape = list(self.shape)
         shape.insert(dim % (len(shape) + 1), 1)
-        return Pending(self.file, self.name, shape)
+        return self.with_shape(shape)
+
+    def with_shape(self, shape: Iterable[int]) -> Pending:
+        """The same tensor seen with another shape of as many elements (a subclass keeps its kind)."""
+        view = copy.copy(self)
+        view.shape = torch.Size(shape)
+        return view
 
     def read_into(self, dest: torch.Tensor) -> None:
         self.file.read_into(self.name, dest)

@@ -41,15 +41,17 @@ def detect_loader(directory: Path) -> str:
 class Stream:
     """A loader running in a thread, its messages available one at a time."""
 
-    def __init__(self, loader: str, directory: Path, extra: list[str], args: argparse.Namespace | None = None) -> None:
+    def __init__(self, loader: str, directory: Path, extra: list[str], args: argparse.Namespace | None = None,
+                 **overrides: Any) -> None:
         module = importlib.import_module(f"loader_{loader}")
         if args is None:
             parser = argparse.ArgumentParser(conflict_handler="resolve", allow_abbrev=False)
             parser.add_argument("--load-dir")
             module.add_arguments(parser)
             args = parser.parse_args(["--load-dir", str(directory), *extra])
-        self.args = argparse.Namespace(**{**vars(args), "load_dir": str(directory), "save_dir": None, "checking": True,
-                                          "no_load_optim": True})  # weights are compared, not optimizer state
+        self.args = argparse.Namespace(**{**overrides, **vars(args), "load_dir": str(directory), "save_dir": None,
+                                          "checking": True, "no_load_optim": True})  # weights, not optimizer state
+        self.first: Any = None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, args=(module,), daemon=True)
@@ -62,7 +64,17 @@ class Stream:
             self.error.append(e)
             self.queue.put(P.EXIT)
 
+    def peek(self) -> Any:
+        """The first message (the metadata), left to be returned by `get` again."""
+        if self.first is None:
+            self.first = self._get()
+        return self.first
+
     def get(self) -> Any:
+        first, self.first = self.first, None
+        return first if first is not None else self._get()
+
+    def _get(self) -> Any:
         msg = self.queue.get()
         if isinstance(msg, str) and msg == P.EXIT:
             raise ConversionError(f"reading {self.args.load_dir} failed" + (f": {self.error[0]}" if self.error else ""))
@@ -174,8 +186,13 @@ def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None)
     """Manifest check, then the stream comparison. `source_args` reuses a conversion's own
     parsed loader options for the source side (convert.py --verify)."""
     manifest_ok = check_manifest(args.converted)
-    source = Stream(args.source_loader or detect_loader(args.source), args.source, args.source_args.split(), source_args)
     converted = Stream(args.converted_loader or detect_loader(args.converted), args.converted, args.converted_args.split())
+    source_loader = args.source_loader or detect_loader(args.source)
+    overrides = {}
+    if source_loader == "hf_deepseek3" and source_args is None:
+        # An FP8 source is dequantized to the dtype the conversion wrote (its --params-dtype), as it was then.
+        overrides["params_dtype"] = P.DTYPE_NAMES.get(getattr(converted.peek(), "params_dtype", None))
+    source = Stream(source_loader, args.source, args.source_args.split(), source_args, **overrides)
     ok = compare(source, converted, args.atol) and manifest_ok
     for stream in (source, converted):  # drain so both loader threads finish before exit
         while stream.thread.is_alive():
