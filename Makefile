@@ -6,7 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: env demo test lint bench clean
 
-env: $(STAMP)
+# Other megatron-core releases for tests/test_mcore_versions.py, beside the venv's 0.16.1 (not on its
+# path; tests/mcore_versions.py puts one first on PYTHONPATH): 0.12.1, and 0.19.2, whose wheel is tagged
+# cp312 but whose Python code runs on 3.11 (its one binary, datasets/helpers_cpp, is unused here), with
+# the triton that torch 2.13.0's CUDA build pins (0.17+ imports triton unconditionally; the venv keeps
+# none). --no-deps: the tests import nothing else of theirs.
+SIDE := $(VENV)/side
+MCORE_OLD := 0.12.1
+MCORE_NEW := 0.19.2
+TRITON := 3.7.1
+SIDE_STAMP := $(SIDE)/.installed-$(MCORE_OLD)-$(MCORE_NEW)-$(TRITON)
+SIDE_PIP := $(PY) -m pip install -q --no-deps --only-binary=:all: --no-warn-script-location --target
+
+env: $(STAMP) $(SIDE_STAMP)
 
 # torch first, pinned, so that no other package pulls a CUDA build of it.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -15,6 +27,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
+
+$(SIDE_STAMP): $(STAMP)
+	rm -rf $(SIDE)
+	$(SIDE_PIP) $(SIDE)/mcore-$(MCORE_OLD) megatron-core==$(MCORE_OLD)
+	$(SIDE_PIP) $(SIDE)/mcore-$(MCORE_NEW) --python-version 3.12 megatron-core==$(MCORE_NEW)
+	$(SIDE_PIP) $(SIDE)/triton triton==$(TRITON)
+	touch $(SIDE_STAMP)
 
 demo: env
 	$(PY) demo.py

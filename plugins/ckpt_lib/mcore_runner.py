@@ -1,5 +1,7 @@
-"""Load a converted legacy checkpoint into real megatron-core 0.16.1 GPTModels on CPU and run it
-(the proof in the tests, and `verify.py --logits`; needs megatron-core, which conversions do not).
+"""Load a converted legacy checkpoint into real megatron-core GPTModels on CPU and run it (the proof
+in the tests, and `verify.py --logits`; needs megatron-core, which conversions do not). Tested with
+0.16.1 (the venv's) and 0.12.1 and 0.19.2 (tests/test_mcore_versions.py); where the releases' GPTModel,
+spec and config arguments differ, the code asks the release (signatures, config fields), not its version.
 
 One process per rank (gloo), each building the GPTModel(s) of its rank from the checkpoint's
 `args`, loading its file with `strict=True` and running a forward in fp32; pipeline stages pass
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import os
 import socket
 import tempfile
@@ -149,7 +153,7 @@ def _is_cuda(device: Any) -> bool:
     return (isinstance(device, str) and device.startswith("cuda")) or (isinstance(device, torch.device) and device.type == "cuda")
 
 
-def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
+def _config(args: argparse.Namespace, layout: list[list[str]] | None) -> Any:
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     extra: dict[str, Any] = {}
@@ -158,7 +162,7 @@ def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
         cls = MLATransformerConfig
         extra.update(multi_latent_attention=True, q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
                      qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                     rope_type="rope", rotary_base=args.rotary_base)
+                     rope_type="rope", rotary_base=args.rotary_base, **_mla_scaling(args, cls))
     if getattr(args, "num_experts", None):
         extra.update(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                      moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
@@ -170,19 +174,61 @@ def _config(args: argparse.Namespace, layout: list[str] | None) -> Any:
                      expert_model_parallel_size=args.expert_model_parallel_size, moe_aux_loss_coeff=0.0,
                      sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
     if getattr(args, "mtp_num_layers", None):
-        extra["mtp_num_layers"] = args.mtp_num_layers
-    return cls(**extra,
+        # The loss scale only weighs the MTP loss (not the logits); 0.12's config has no default for it.
+        scale = getattr(args, "mtp_loss_scaling_factor", None)
+        extra.update(mtp_num_layers=args.mtp_num_layers, mtp_loss_scaling_factor=0.1 if scale is None else scale)
+    return cls(**extra, **_pipeline_split(cls, args, layout),
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
         normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu, add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm, tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size, pipeline_model_parallel_layout=layout,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         pipeline_dtype=torch.float32,
     )
+
+
+def _config_fields(cls: Any) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _mla_scaling(args: argparse.Namespace, cls: Any) -> dict[str, float]:
+    """MLA's YaRN fields as Megatron-LM passes them (the checkpoint's args, else its argument defaults),
+    not MLATransformerConfig's DeepSeek-V3 YaRN defaults (factor 40): megatron-core 0.12 scales the
+    softmax by yarn_get_mscale(rotary_scaling_factor, mscale)^2 even for plain RoPE, which is 1 only for
+    a factor of 1 (0.16 and 0.19 use mscale_all_dim there, whose default 0 gives 1 with any factor).
+    Megatron-LM's `--mscale-all-dim` defaults to 1.0 in core_r0.12.0 and to 0.0 in core_r0.19.0, where
+    MLATransformerConfig's default is 0.0 too; with a factor of 1 neither value changes the result."""
+    default_all_dim = _config_fields(cls)["mscale_all_dim"].default
+
+    def arg(name: str, default: float) -> float:
+        value = getattr(args, name, None)
+        return float(default if value is None else value)
+
+    return {"rotary_scaling_factor": arg("rotary_scaling_factor", 1.0), "mscale": arg("mscale", 1.0),
+            "mscale_all_dim": arg("mscale_all_dim", 0.0 if default_all_dim == 0.0 else 1.0)}
+
+
+def _pipeline_split(cls: Any, args: argparse.Namespace, layout: list[list[str]] | None) -> dict[str, Any]:
+    """How the layers are split over pipeline stages: `pipeline_model_parallel_layout` where the config
+    has it (0.16, 0.19); without it (0.12) even splits (VPP included) need nothing, and a first and/or
+    last stage of their own size are `num_layers_in_first/last_pipeline_stage`."""
+    fields = _config_fields(cls)
+    if "pipeline_model_parallel_layout" in fields:
+        return {"pipeline_model_parallel_layout": layout}
+    sizes = [c for (c,) in stage_layout(args)]
+    if len(set(sizes)) == 1:
+        return {}
+    pp = args.pipeline_model_parallel_size
+    if len(sizes) == pp and len(set(sizes[1:-1])) <= 1 and "num_layers_in_first_pipeline_stage" in fields:
+        if pp == 2:  # the last stage gets the rest (0.12 divides by zero middle stages when both are given)
+            return {"num_layers_in_first_pipeline_stage": sizes[0]}
+        return {k: v for k, v in (("num_layers_in_first_pipeline_stage", sizes[0]), ("num_layers_in_last_pipeline_stage", sizes[-1]))
+                if v != sizes[1]}
+    raise NotImplementedError(f"layers per stage {sizes} need a megatron-core with pipeline_model_parallel_layout")
 
 
 def _layout_list(args: argparse.Namespace) -> list[list[str]]:
@@ -212,7 +258,7 @@ def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> 
             if v_channels is not None:  # the context has v_head_dim per head, not kv_channels
                 self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
 
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
+    spec = _call(get_gpt_decoder_block_spec, config, use_transformer_engine=False, optional={"vp_stage": vp_stage})
     for layer in spec.layer_specs:
         layer.submodules.self_attention.submodules.core_attention = MlaDotProductAttention
     return spec
@@ -221,21 +267,50 @@ def _local_spec(config: Any, args: argparse.Namespace, vp_stage: int | None) -> 
 def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: int, vp_stage: int | None,
                 parallel_output: bool = False, pg_collection: Any = None) -> Any:
     """The GPTModel (chunk) of one pipeline stage, as Megatron-LM builds it from `args` (full-vocabulary
-    logits unless `parallel_output`, which training needs: the loss edits the logits in place)."""
+    logits unless `parallel_output`, which training needs: the loss edits the logits in place).
+    Releases whose GPTModel takes no `vp_stage` (0.12) read the chunk from parallel_state."""
     from megatron.core.models.gpt import GPTModel
 
-    spec = _local_spec(config, args, vp_stage)
-    last = stage == num_stages - 1
-    mtp_spec = None
-    if last and getattr(args, "mtp_num_layers", None):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    takes = inspect.signature(GPTModel.__init__).parameters
+    if pg_collection is not None and "pg_collection" not in takes:
+        raise NotImplementedError("this megatron-core's GPTModel takes no process groups (needed for dualpipev)")
+    with contextlib.nullcontext() if "vp_stage" in takes else _as_virtual_stage(vp_stage):
+        spec = _local_spec(config, args, vp_stage)
+        last = stage == num_stages - 1
+        mtp_spec = None
+        if last and getattr(args, "mtp_num_layers", None):
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-        mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=False, vp_stage=vp_stage)
-    return GPTModel(config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-                    pre_process=stage == 0, post_process=last,
-                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                    position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=parallel_output,
-                    vp_stage=vp_stage, mtp_block_spec=mtp_spec, pg_collection=pg_collection)
+            mtp_spec = _call(get_gpt_mtp_block_spec, config, spec.layer_specs[-1], use_transformer_engine=False,
+                             optional={"vp_stage": vp_stage})
+        return _call(GPTModel, config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                     pre_process=stage == 0, post_process=last,
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                     position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=parallel_output,
+                     mtp_block_spec=mtp_spec, optional={"vp_stage": vp_stage, "pg_collection": pg_collection})
+
+
+def _call(fn: Any, *args: Any, optional: dict[str, Any], **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` plus those `optional` arguments this megatron-core release's `fn` takes."""
+    params = inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
+    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if k in params})
+
+
+@contextlib.contextmanager
+def _as_virtual_stage(vp_stage: int | None) -> Any:
+    """parallel_state's virtual pipeline rank set to `vp_stage` while a chunk is built (releases that
+    take no `vp_stage` argument number the chunk's layers from it)."""
+    from megatron.core import parallel_state as ps
+
+    if vp_stage is None:
+        yield
+        return
+    own = ps.get_virtual_pipeline_model_parallel_rank()
+    ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
+    try:
+        yield
+    finally:
+        ps.set_virtual_pipeline_model_parallel_rank(own)
 
 
 def _load_torch_dist(model: Any, it_dir: Path) -> dict[str, Any]:
@@ -357,7 +432,10 @@ def _without_embedding_sync() -> Any:
     """Process groups without the embedding group: dualpipev keeps the first stage and the MTP stage on
     rank 0, where megatron-core's construction-time all-reduce (copying the embedding to the MTP stage)
     expects ranks 0 and PP-1 and would wait forever. The copy is loaded from the checkpoint anyway."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    try:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+    except ImportError as e:
+        raise NotImplementedError("dualpipev needs a megatron-core whose GPTModel takes process groups") from e
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     groups.embd = None
