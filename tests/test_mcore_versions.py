@@ -8,14 +8,24 @@ there; 0.17+ name the MTP layer's submodule `mtp_model_layer` (`--target-mcore-v
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mcore_versions import SIDE, missing, outputs_under
+from mcore_versions import ROOT, SIDE, mcore_path, missing, outputs_under
 from test_parity import mtp_reference
 
-from util import convert_inprocess, hf_logits, make_deepseek_model, make_hf_model, read_mcore_dir
+from util import (
+    assert_same_tensors,
+    convert_inprocess,
+    hf_logits,
+    make_deepseek_model,
+    make_hf_model,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 TP2 = ["--target-tensor-parallel-size", "2"]
@@ -81,3 +91,27 @@ def test_side_releases_stay_off_the_venv_path():
     assert megatron.core.package_info.__version__ == "0.16.1"
     assert SIDE.resolve() not in Path(megatron.core.__file__).resolve().parents
     assert importlib.util.find_spec("triton") is None
+
+
+def test_torch_dist_written_and_read_by_0192(tmp_path):
+    """Our torch_dist code against the megatron-core on the path: 0.19.2 writes the checkpoint (its common
+    state inside the checkpoint, no common.pt), loads it at EP2 with MTP, and our loader reads it back."""
+    require("0.19.2")
+    model, mtp = make_deepseek_model(tmp_path / "hf")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, mcore_path("0.19.2")))}
+    printed = []
+    for argv in (["--loader", "hf_deepseek3", "--saver", "core_ext", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "td",
+                  "--ckpt-format", "torch_dist", "--mtp-num-layers", "1", *EP2],
+                 ["--loader", "core_ext", "--saver", "hf", "--load-dir", tmp_path / "td", "--save-dir", tmp_path / "back"]):
+        run = subprocess.run([sys.executable, ROOT / "convert.py", "--model-type", "GPT", *map(str, argv)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        printed.append(run.stdout)
+    assert "names of megatron-core 0.19 (megatron-core writing torch_dist)" in printed[0]
+    assert not list((tmp_path / "td").rglob("common.pt"))
+    assert_same_tensors(read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "back"))
+    out = outputs_under("0.19.2", tmp_path / "td", TOKENS, layout=(1, 1, 2))
+    main_diff = (out["logits"][..., :100] - hf_logits(model, TOKENS)).abs().max().item()
+    mtp_diff = (out["mtp_logits"][..., :100] - mtp_reference(model, mtp, TOKENS)).abs().max().item()
+    print(f"megatron-core 0.19.2 torch_dist at EP2: logits max abs diff {main_diff:.2e}, MTP logits {mtp_diff:.2e}")
+    assert main_diff < 1e-4 and mtp_diff < 1e-4

@@ -34,6 +34,8 @@ import torch.multiprocessing as mp
 from torch.overrides import TorchFunctionMode
 
 from .pipeline import parse_layer_list
+from .torch_dist import is_torch_dist
+from .torch_dist import read_args as torch_dist_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -48,8 +50,8 @@ def read_args(ckpt_dir: Path, layout: tuple[int, int, int] | None = None) -> tup
     """The checkpoint's `args`; for torch_dist, `layout` (TP, PP, EP) picks the layout to load at."""
     text = (ckpt_dir / TRACKER).read_text().strip()
     it_dir = ckpt_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
-    if (it_dir / "common.pt").exists():
-        args = torch.load(it_dir / "common.pt", map_location="cpu", weights_only=False)["args"]
+    if is_torch_dist(it_dir):
+        args = torch_dist_args(it_dir)
         if layout is not None:
             args = argparse.Namespace(**vars(args))
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size = layout
@@ -390,7 +392,7 @@ def load_rank_models(args: argparse.Namespace, config: Any, it_dir: Path, name: 
     """This rank's model chunks built from `args` and loaded strictly from its file (or torch_dist)."""
     from megatron.core import parallel_state as ps
 
-    torch_dist = (it_dir / "common.pt").exists()
+    torch_dist = is_torch_dist(it_dir)
     pp, pp_rank = args.pipeline_model_parallel_size, ps.get_pipeline_model_parallel_rank()
     stages = stage_layout(args)
     chunks = len(stages) // pp

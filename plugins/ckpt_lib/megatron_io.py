@@ -175,13 +175,14 @@ _ALLOW_LIST = threading.Lock()  # torch's allow-list is process-wide; verify rea
 
 
 @contextlib.contextmanager
-def admitted(path: Path) -> Iterator[None]:
-    """`torch.load(..., weights_only=True)` of `path` may unpickle what `safe_globals_for` admits."""
+def admitted(path: Path | None) -> Iterator[None]:
+    """`torch.load(..., weights_only=True)` of `path` may unpickle what `safe_globals_for` admits
+    (None: a pickle that cannot be scanned first, e.g. inside a torch_dist checkpoint: the plain set)."""
     with _ALLOW_LIST, torch.serialization.safe_globals(safe_globals_for(path)):
         yield
 
 
-def safe_globals_for(path: Path) -> list[Any]:
+def safe_globals_for(path: Path | None) -> list[Any]:
     """What a Megatron checkpoint may pickle besides tensors: `args`, numpy's RNG state inside
     `rng_state` (training checkpoints), and Megatron's enums/dataclasses inside `args`, admitted as
     inert stand-ins. Anything else is refused."""
@@ -193,7 +194,7 @@ def safe_globals_for(path: Path) -> list[Any]:
     allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
     known = {"argparse.Namespace", "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
              "numpy.core.multiarray._reconstruct"} | {f"numpy.dtypes.{n}" for n in dir(np.dtypes)}
-    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if path is not None else ():
         if name in known:
             continue
         if not name.startswith(("megatron.", "mindspeed", "transformer_engine.", "enum.")):

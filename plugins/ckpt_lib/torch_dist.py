@@ -192,21 +192,32 @@ class TorchDistWriter:
             pickle.dump(metadata, f)
 
 
-def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
-    """The checkpoint's `args` and all its model tensors under TP1/PP1 megatron-core local names."""
+def read_args(directory: Path) -> argparse.Namespace:
+    """The `args` of a torch_dist checkpoint's common state."""
     _quiet()
     from megatron.core import dist_checkpointing
 
+    # megatron-core <= 0.16 keeps the common state in common.pt; 0.17+ inside the checkpoint itself.
+    legacy = (directory / COMMON).exists()
+    where = directory / COMMON if legacy else directory
     try:  # megatron's own allow-list may have been reset by an enclosing safe_globals context: bring ours
-        with admitted(directory / COMMON):
+        with admitted(where if legacy else None):
             common = dist_checkpointing.load_common_state_dict(str(directory))
     except ConversionError:
         raise
-    except Exception as e:  # megatron raises several types for a damaged common.pt
-        raise ConversionError(f"{directory / COMMON}: cannot read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # megatron raises several types for a damaged common state
+        raise ConversionError(f"{where}: cannot read the common state ({type(e).__name__}: {e})") from None
     ns = common.get("args")
     if ns is None:
-        raise ConversionError(f"{directory / COMMON}: no 'args'; cannot tell the model's architecture")
+        raise ConversionError(f"{where}: no 'args' in the common state; cannot tell the model's architecture")
+    return ns
+
+
+def load(directory: Path) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
+    """The checkpoint's `args` and all its model tensors under TP1/PP1 megatron-core local names."""
+    from megatron.core import dist_checkpointing
+
+    ns = read_args(directory)
     with megatron_session():
         stored = dist_checkpointing.load_tensors_metadata(str(directory))
         sharded = {k: v for k, v in template(ns).items() if _is_tensor_entry(v)}
