@@ -90,7 +90,7 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 class BlockFile:
     """A file written front to back: `write` for bytes, `put` for a tensor's data (any strides, or
-    `Joined`); a file object for torch's zip writer, whose `seek(n, SEEK_CUR)` places the pending tensor."""
+    `Joined`, or an object whose `chunks()` yields its data's pieces in order); a file object for torch's zip writer, whose `seek(n, SEEK_CUR)` places the pending tensor."""
 
     def __init__(self, path: Path, checksum: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -147,6 +147,10 @@ class BlockFile:
                 raise ValueError("Joined: only dim 0 joins are written as they are")
             for part in value.parts:
                 self.put(part)
+            return
+        if not isinstance(value, torch.Tensor):  # computed as it is written (fp8.Fp8Weight): its pieces in order
+            for piece in value.chunks():
+                self.put(piece)
             return
         if value.is_contiguous():
             self._put_bytes(value.reshape(-1).view(torch.uint8))

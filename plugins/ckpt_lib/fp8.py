@@ -13,6 +13,7 @@ indices.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -182,3 +183,110 @@ def open_dequantized(source: SafetensorsSource, cfg: dict[str, Any], dtype: torc
         return source
     block = block_size(cfg, example)
     return Fp8Source(source, block, dtype, cfg["quantization_config"])
+
+
+# -- Writing FP8 (saver_hf --save-fp8) -------------------------------------------------------------------------
+
+E4M3_MAX = 448.0
+# The linear weights DeepSeek's release stores FP8 (decoder layers and the MTP layer's block): MLA projections,
+# dense MLP, shared and routed experts. Not: embeddings, lm_head, norms, the router (`mlp.gate.weight`,
+# `e_score_correction_bias`), the MTP layer's eh_proj, embed_tokens and shared_head.
+RELEASE_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+                               r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj)\.weight")
+
+
+def quantization_config(block: tuple[int, int]) -> dict[str, Any]:
+    """config.json's quantization_config of DeepSeek's FP8 release, for blocks of `block`."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
+
+
+def recorded_block(md: Any) -> tuple[int, int] | None:
+    """The block size of the FP8 checkpoint a conversion came from (read directly, or kept in hf_config)."""
+    for q in (getattr(md, "source_quantization", None), (getattr(md, "hf_config", None) or {}).get("quantization_config")):
+        b = q.get("weight_block_size") if isinstance(q, dict) else None
+        if isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b):
+            return b[0], b[1]
+    return None
+
+
+class Fp8Weight:
+    """A 2-D weight written as block-scaled float8_e4m3fn by DeepSeek's rule (inference/kernel.py `weight_quant`):
+    per [B0, B1] block (edge blocks partial), scale = amax(|w|) / 448 in fp32, fp8 = w (in fp32) / scale, cast with
+    round to nearest even. An all-zero block, which the reference turns into NaN (0 / 0), gets scale 1.0 and zero
+    bytes, so that it dequantizes to exact zeros by any rule. A non-finite weight is an error.
+
+    Nothing is computed when it is made: `chunks` quantizes one block row at a time as the writer asks for its
+    bytes (its scales filled on the way), then `scale` (an `Fp8Scale`, written after it) hands out the scales.
+    Besides the weight itself only one block row in fp32 and one in fp8 exist at a time."""
+
+    dtype = torch.float8_e4m3fn
+
+    def __init__(self, name: str, weight: torch.Tensor, block: tuple[int, int]) -> None:
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ConversionError(f"--save-fp8: {name!r} is {weight.dtype} {list(weight.shape)}, not a 2-D float weight")
+        self.name, self.weight, self.block = name, weight, block
+        self.shape = weight.shape
+        self.scales = torch.empty(scale_grid(weight.shape, block), dtype=torch.float32)
+        self.done = False
+        self.scale = Fp8Scale(self)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel()
+
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    def detach(self) -> Fp8Weight:
+        return self
+
+    def chunks(self) -> Iterable[torch.Tensor]:
+        rows, cols = self.shape
+        b0, b1 = self.block
+        grid_cols = self.scales.shape[1]
+        magnitude = torch.empty(min(rows, b0), cols, dtype=torch.float32)
+        padded = torch.zeros(grid_cols * b1, dtype=torch.float32)  # a column tail's padding never wins the max
+        for i in range(self.scales.shape[0]):
+            first, last = i * b0, min(rows, (i + 1) * b0)
+            x = self.weight[first:last].to(torch.float32, copy=True)  # exact: bf16/fp16/fp32 -> fp32
+            m = torch.abs(x, out=magnitude[:last - first])
+            torch.amax(m, 0, out=padded[:cols])
+            amax = padded.view(grid_cols, b1).amax(1)
+            if not bool(torch.isfinite(amax).all()):
+                raise ConversionError(f"--save-fp8: {self.name!r} has a non-finite value in block row {i}: not quantized")
+            scale = self.scales[i]
+            torch.div(amax, E4M3_MAX, out=scale)
+            scale.masked_fill_(amax == 0, 1.0)
+            x.div_(scale.repeat_interleave(b1)[:cols])
+            # round to nearest even; |x| <= 448 (torch saturates, as the GPU's satfinite cast does)
+            yield x.to(torch.float8_e4m3fn)
+        self.done = True
+
+
+class Fp8Scale:
+    """A weight's `_scale_inv` [ceil(rows / B0), ceil(cols / B1)] float32, known once its weight is written."""
+
+    dtype = torch.float32
+
+    def __init__(self, weight: Fp8Weight) -> None:
+        self.weight = weight
+        self.shape = weight.scales.shape
+        self.nbytes = weight.scales.nbytes
+
+    def numel(self) -> int:
+        return self.weight.scales.numel()
+
+    def detach(self) -> Fp8Scale:
+        return self
+
+    def chunks(self) -> Iterable[torch.Tensor]:
+        if not self.weight.done:
+            raise RuntimeError(f"{self.weight.name}: its scales are written before the weight")
+        yield self.weight.scales
+
+
+def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole weight quantized at once (tests, benchmarks): (float8_e4m3fn weight, float32 scales)."""
+    w = Fp8Weight("weight", weight, block)
+    q = torch.cat([c.clone() for c in w.chunks()]) if weight.numel() else torch.empty(weight.shape, dtype=w.dtype)
+    return q, w.scales

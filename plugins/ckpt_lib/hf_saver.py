@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import fp8
 from . import protocol as P
 from .errors import ConversionError
 from .families import Section, deepseek, dense, experts_from_protocol, from_protocol, qwen3_moe
@@ -41,6 +42,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
     group.add_argument("--no-checksums", action="store_true",
                        help="Leave sha256 out of conversion_manifest.json (hashed as written, beside the conversion: 0.7 s of CPU per GB of output)")
+    group.add_argument("--save-fp8", action="store_true",
+                       help="DeepSeek-V3 only: write the FP8 release layout (block-scaled float8_e4m3fn linear weights + _scale_inv)")
+    group.add_argument("--fp8-block-size", type=int, default=None,
+                       help="FP8 block size N ([N, N] blocks; default: the FP8 source's, else 128)")
 
 
 def layer_section(md: argparse.Namespace, layer: int) -> Section:
@@ -126,9 +131,29 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     summary.print(target)
 
 
+def fp8_block(args: argparse.Namespace, md: argparse.Namespace) -> tuple[int, int] | None:
+    """--save-fp8's block size (None without it): --fp8-block-size, else the FP8 source's, else 128."""
+    if not getattr(args, "save_fp8", False):
+        if getattr(args, "fp8_block_size", None) is not None:
+            raise ConversionError("--fp8-block-size is used with --save-fp8 only")
+        return None
+    if getattr(md, "lora_export", None):
+        raise ConversionError("--save-fp8 writes a model, not a PEFT adapter (--save-lora-to-hf): use one of them")
+    if not getattr(md, "multi_latent_attention", False):
+        kind = "an MoE model" if md.num_experts else "a dense model"
+        raise ConversionError(f"--save-fp8 writes DeepSeek-V3's FP8 release layout only; this checkpoint is {kind} "
+                              "without MLA (not DeepSeek-V3): write it without --save-fp8")
+    if args.fp8_block_size is not None:
+        if args.fp8_block_size < 1:
+            raise ConversionError(f"--fp8-block-size {args.fp8_block_size}: must be >= 1")
+        return args.fp8_block_size, args.fp8_block_size
+    return fp8.recorded_block(md) or (128, 128)
+
+
 def save(queue: Any, args: argparse.Namespace) -> None:
     reader = P.MessageReader(queue, getattr(args, "checking", True))
     md = P.receive_metadata(reader)
+    block = fp8_block(args, md)
     if getattr(md, "lora_export", None):
         check_target(args.save_dir, args.overwrite)
         return save_adapters(reader, md, args)
@@ -147,13 +172,24 @@ def save(queue: Any, args: argparse.Namespace) -> None:
 
         kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
 
+        def add(name: str, tensor: torch.Tensor) -> None:
+            if block is None:
+                writer.add(name, tensor)
+            elif fp8.RELEASE_QUANTIZED.fullmatch(name):  # quantized as its shard is written
+                weight = fp8.Fp8Weight(name, tensor, block)
+                writer.add_together({name: weight, name + fp8.SCALE_SUFFIX: weight.scale})
+            elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                writer.add(name, tensor.to(torch.bfloat16))  # as released; the router bias stays fp32
+            else:
+                writer.add(name, tensor)
+
         def emit(msg: dict[str, Any], section: Section, layer: int | None = None) -> None:
             for name, tensor in from_protocol(section, msg, md, layer).items():
                 if section in (dense.EMBEDDING, dense.OUTPUT):
                     if tensor.shape[0] < vocab:
                         raise ConversionError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {vocab}")
                     tensor = kept[name] = tensor[:vocab]
-                writer.add(name, tensor)
+                add(name, tensor)
             reader.finish(msg)
 
         def emit_layer(message: str, layer: int, section: Section, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -163,7 +199,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             if P.is_moe_layer(md, layer):
                 for first, experts in P.receive_experts(reader, message, md):
                     for name, tensor in experts_from_protocol(deepseek.EXPERTS, experts, md, layer, first).items():
-                        writer.add(name, tensor)
+                        add(name, tensor)
 
         emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
         for layer in progress(range(md.num_layers), md.num_layers, "saver_hf"):
@@ -175,7 +211,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             layer = md.num_layers + k
             emit_layer(P.mtp_message(k), layer, deepseek.MTP_LAYER, P.mtp_shapes(md))
             for copy, original in deepseek.MTP_COPIES.items():  # the official layout repeats them
-                writer.add(f"model.layers.{layer}.{copy}", kept[original])
+                add(f"model.layers.{layer}.{copy}", kept[original])
         if P.receive_end(reader) is not None:
             print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
         for path, (tensors, finished) in writer.close().items():
@@ -185,8 +221,12 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         cfg["vocab_size"] = vocab
         # The weights arrive dequantized (an FP8 source's config.json is kept in hf_config, or given with
         # --hf-config-dir): a quantization_config would make transformers expect FP8 tensors and scales.
-        if cfg.pop("quantization_config", None) is not None:
+        if cfg.pop("quantization_config", None) is not None and block is None:
             summary.notes.append("FP8 source written dequantized: quantization_config left out of config.json")
+        if block is not None:
+            cfg["quantization_config"] = fp8.quantization_config(block)
+            cfg["dtype"] = "bfloat16"
+            summary.notes.append(f"FP8 (e4m3, blocks of {list(block)}) as DeepSeek releases it")
         (staged.path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if args.hf_config_dir:
             for name in COMPANION_FILES:

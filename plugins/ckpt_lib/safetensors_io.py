@@ -366,17 +366,23 @@ class ShardedWriter:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.checksum = checksum
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, Any] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[Path, dict[str, torch.Tensor], Future[str | None]]] = []
         self.total_bytes = 0
         self.bytes_written = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self.pending and self.pending_bytes + tensor.nbytes > self.max_shard_bytes:
+        self.add_together({name: tensor})
+
+    def add_together(self, tensors: dict[str, Any]) -> None:
+        """Tensors kept in one shard, in this order (an FP8 weight and its scales): each with dtype, shape and
+        nbytes, its data a tensor or produced as it is written (`block_file.BlockFile.put`)."""
+        size = sum(t.nbytes for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self.pending[name] = tensor
-        self.pending_bytes += tensor.nbytes
+        self.pending.update(tensors)
+        self.pending_bytes += size
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self.shards):05d}.tmp"
