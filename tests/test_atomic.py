@@ -44,3 +44,18 @@ def test_sigkill_leaves_nothing_or_a_complete_checkpoint(tmp_path):
     assert finished.wait(timeout=120) == 0
     assert manifest.check(out) == []
     assert "absent" in outcomes and outcomes & {"old", "complete"}, outcomes
+
+
+def test_output_modes_follow_the_umask(tmp_path):
+    """Files 0666 & ~umask and directories 0777 & ~umask, as any tool writes them (not mkdtemp's 0700,
+    not executable data files): colleagues and other jobs on a shared file system can read the checkpoint."""
+    make_hf_model("llama", tmp_path / "hf")
+    for umask in (0o022, 0o027):
+        out = tmp_path / f"out-{umask:o}"
+        cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--loader", "hf", "--saver", "core_ext",
+               "--load-dir", str(tmp_path / "hf"), "--save-dir", str(out), "--target-tensor-parallel-size", "2"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=lambda m=umask: os.umask(m))
+        assert result.returncode == 0, result.stderr
+        paths = [out, *out.rglob("*")]
+        assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_dir()} == {oct(0o777 & ~umask)}
+        assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_file()} == {oct(0o666 & ~umask)}

@@ -95,11 +95,11 @@ class BlockFile:
     def __init__(self, path: Path, checksum: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0))
+            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)  # a data file: the umask decides, never executable
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            self.fd = os.open(path, flags)
+            self.fd = os.open(path, flags, 0o666)
         self.path = path
         self.digest = hashlib.sha256() if checksum else None
         self.pool = _buffers()

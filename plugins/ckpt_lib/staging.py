@@ -26,6 +26,13 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def current_umask() -> int:
+    """The process umask, read by setting it and setting it back (POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_target(save_dir: str | Path, overwrite: bool) -> Path:
     """Refuse a non-empty target without --overwrite; done before any work starts."""
     target = Path(save_dir).absolute()
@@ -43,6 +50,7 @@ class StagedDir:
         self.target = check_target(save_dir, overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        self.path.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the checkpoint from colleagues and jobs
 
     def commit(self) -> Path:
         """Move the staged directory into place. An existing target is swapped with it in one atomic
