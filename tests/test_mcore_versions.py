@@ -56,7 +56,7 @@ def test_llama_tp2pp2(tmp_path, version):
 
 
 DEEPSEEK = {  # id: (release, layout flags, names written for)
-    "0.12.1-pp2ep2": ("0.12.1", [*PP2, *EP2], []),  # the default names (the installed 0.16's): transformer_layer
+    "0.12.1-pp2ep2": ("0.12.1", [*PP2, *EP2], ["--target-mcore-version", "0.12"]),
     "0.19.2-tp2ep2": ("0.19.2", [*TP2, *EP2], ["--target-mcore-version", "0.19"]),
     "0.19.2-pp2ep2": ("0.19.2", [*PP2, *EP2], ["--target-mcore-version", "0.19"]),
 }
