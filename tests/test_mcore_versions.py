@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mcore_versions import ROOT, SIDE, mcore_path, missing, outputs_under
 from test_parity import mtp_reference
-
 from util import (
     assert_same_tensors,
     convert_inprocess,

@@ -147,10 +147,10 @@ def test_deepseek3_to_hf_reproduces_the_original_with_mtp(tmp_path):
 
 
 def test_deepseek3_tp2ep2_logits_and_mtp_match_transformers(tmp_path):
-    from test_parity import mtp_reference
     from transformers import AutoModelForCausalLM
 
     from mcore_harness import mcore_outputs
+    from test_parity import mtp_reference
 
     convert_inprocess("core_mf", "core_ext", FIXTURES / "deepseek3", tmp_path / "mc", *DEEPSEEK_FLAGS, "--saver-transformer-impl", "local",
                       "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import TOKENS, mtp_reference
 
 from mcore_harness import mcore_outputs
+from test_parity import TOKENS, mtp_reference
 from util import (
     assert_same_tensors,
     convert_cli,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import upstream
 
+import upstream
 from mcore_harness import mcore_logits, read_args
 from util import assert_same_tensors, convert_inprocess, make_deepseek_model, make_hf_model, read_mcore_dir, read_safetensors_dir
 
@@ -167,9 +167,10 @@ def test_model_upstream_saver_core_cannot_hold_is_refused(megatron, other_models
 
 # e. Megatron-LM main's own convert.py: hf_deepseek3 -> our saver_core_ext, naming of the checkout's release.
 def test_main_convert_deepseek3_with_mtp_to_core_ext(megatron, other_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     import mcore_versions
     from test_parity import mtp_reference
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "mc"
     result = upstream.convert(megatron("main"), "main", "--loader", "hf_deepseek3", "--saver", "core_ext",
