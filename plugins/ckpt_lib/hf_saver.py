@@ -64,13 +64,15 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         cfg = json.loads(path.read_text())
     elif getattr(md, "hf_config", None):
         cfg = dict(md.hf_config)
-    elif getattr(md, "multi_latent_attention", False) or md.num_experts:
-        raise ConversionError("MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
+    elif md.num_experts and not getattr(md, "multi_latent_attention", False):
+        raise ConversionError("Qwen3-MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
             raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
-        cfg = dense.hf_config_from_metadata(md, vocab)
+        # DeepSeek-V3: rebuilt with rope_scaling from the metadata (the checkpoint's args)
+        rebuild = deepseek.hf_config_from_metadata if getattr(md, "multi_latent_attention", False) else dense.hf_config_from_metadata
+        cfg = rebuild(md, vocab)
     for hf_key, md_key in CONFIG_CHECKS:
         if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
             raise ConversionError(f"config.json {hf_key}={cfg[hf_key]} disagrees with the checkpoint's {md_key}={getattr(md, md_key)}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import optimizer_state
+from . import optimizer_state, rope_scaling
 from . import protocol as P
 from .errors import ConversionError
 from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters, split_fused_down
@@ -180,6 +180,7 @@ def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int |
         md.multi_latent_attention = True
         for field in MLA_FIELDS:
             setattr(md, field, need(field))
+        md.rope_scaling = rope_scaling.from_args(a)
     if md.num_experts:
         freq = getattr(a, "moe_layer_freq", None)
         md.first_k_dense_replace = getattr(a, "first_k_dense_replace", None)

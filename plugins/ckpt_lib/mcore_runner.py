@@ -164,7 +164,7 @@ def _config(args: argparse.Namespace, layout: list[list[str]] | None) -> Any:
         cls = MLATransformerConfig
         extra.update(multi_latent_attention=True, q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
                      qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                     rope_type="rope", rotary_base=args.rotary_base, **_mla_scaling(args, cls))
+                     rotary_base=args.rotary_base, **_mla_rope(args, cls))
     if getattr(args, "num_experts", None):
         extra.update(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                      moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
@@ -197,21 +197,36 @@ def _config_fields(cls: Any) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _mla_scaling(args: argparse.Namespace, cls: Any) -> dict[str, float]:
-    """MLA's YaRN fields as Megatron-LM passes them (the checkpoint's args, else its argument defaults),
-    not MLATransformerConfig's DeepSeek-V3 YaRN defaults (factor 40): megatron-core 0.12 scales the
-    softmax by yarn_get_mscale(rotary_scaling_factor, mscale)^2 even for plain RoPE, which is 1 only for
-    a factor of 1 (0.16 and 0.19 use mscale_all_dim there, whose default 0 gives 1 with any factor).
-    Megatron-LM's `--mscale-all-dim` defaults to 1.0 in core_r0.12.0 and to 0.0 in core_r0.19.0, where
-    MLATransformerConfig's default is 0.0 too; with a factor of 1 neither value changes the result."""
-    default_all_dim = _config_fields(cls)["mscale_all_dim"].default
+def _mla_rope(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """MLA's RoPE/YaRN config from the checkpoint's args, as Megatron-LM builds it (every args attribute
+    named like a config field; a missing `rope_type` leaves MLATransformerConfig's default, yarn), with the
+    flags the saver prints for the training command. Without them in args: Megatron-LM's argument defaults
+    (`--rotary-scaling-factor` 1, `--mscale` 1, `--mscale-all-dim` 1.0 in core_r0.12.0 / 0.0 in core_r0.19.0,
+    whichever this release's MLATransformerConfig defaults to), never the config's DeepSeek-V3 defaults
+    (factor 40). YaRN's original length is `original_max_position_embeddings` from 0.16 on and
+    `max_position_embeddings` in 0.12 (which core_r0.12 fills from --max-position-embeddings: the saver
+    prints that flag with the original length for such targets)."""
+    fields = _config_fields(cls)
+    default_all_dim = fields["mscale_all_dim"].default
 
-    def arg(name: str, default: float) -> float:
+    def arg(name: str, default: Any) -> Any:
         value = getattr(args, name, None)
-        return float(default if value is None else value)
+        return default if value is None else value
 
-    return {"rotary_scaling_factor": arg("rotary_scaling_factor", 1.0), "mscale": arg("mscale", 1.0),
-            "mscale_all_dim": arg("mscale_all_dim", 0.0 if default_all_dim == 0.0 else 1.0)}
+    out: dict[str, Any] = {"rotary_scaling_factor": float(arg("rotary_scaling_factor", 1.0)), "mscale": float(arg("mscale", 1.0)),
+                           "mscale_all_dim": float(arg("mscale_all_dim", 0.0 if default_all_dim == 0.0 else 1.0))}
+    if getattr(args, "rope_type", None) is not None:
+        out["rope_type"] = args.rope_type
+    for name in ("beta_fast", "beta_slow"):
+        if name in fields and getattr(args, name, None) is not None:
+            out[name] = float(getattr(args, name))
+    original = getattr(args, "original_max_position_embeddings", None)
+    if "original_max_position_embeddings" in fields:
+        if original is not None:
+            out["original_max_position_embeddings"] = int(original)
+    elif "max_position_embeddings" in fields:
+        out["max_position_embeddings"] = int(original if original is not None else args.max_position_embeddings)
+    return out
 
 
 def _pipeline_split(cls: Any, args: argparse.Namespace, layout: list[list[str]] | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import mcore_version, optimizer_state
+from . import mcore_version, optimizer_state, rope_scaling
 from . import protocol as P
 from .errors import ConversionError
 from .manifest import Manifest, describe
@@ -118,6 +118,7 @@ class McoreSaver:
         self.mm_split = bool(getattr(args, "mla_mm_split", False))
         self.impl = "local" if self.naming == "mindspeed" or self.torch_dist else args.saver_transformer_impl
         self.mcore = self._target_mcore()
+        rope_scaling.check_target(md, self.mcore.version)
         # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
         self.mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == "mindspeed" else self.mcore.mtp_submodule
         self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
@@ -437,4 +438,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )
     saver.summary.notes.append(f"names of megatron-core {saver.mcore.text} ({saver.mcore.source})")
+    flags, warnings = rope_scaling.training_flags(md, saver.mcore.version)
+    if flags:  # Megatron-LM's --use-checkpoint-args does not copy MLA's RoPE/YaRN fields
+        saver.summary.notes.append(f"MLA RoPE: pass {' '.join(flags)} to Megatron-LM training (--use-checkpoint-args does not copy them)")
+    saver.summary.notes += [f"warning: {w}" for w in warnings]
     saver.summary.print(target)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import rope_scaling
 from .block_file import BlockFile, Joined
 from .errors import ConversionError
 
@@ -339,6 +340,7 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
     if mla:
         for field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
             setattr(args, field, getattr(md, field))
+        rope_scaling.write_args(args, md, naming)
     if num_experts:
         first_k = getattr(md, "first_k_dense_replace", 0)
         args.moe_layer_freq = [0 if i < first_k else 1 for i in range(md.num_layers)]

@@ -7,6 +7,7 @@ metadata so upstream savers never see a key they do not expect unless the model 
   `md.norm_epsilon`, `md.rotary_base`, `md.vocab_size` mirrored at top level for savers that do
   not read `checkpoint_args`;
 - `md.hf_config` (the source HF `config.json` as a dict, or None) so mcore -> HF can restore it;
+- `md.rope_scaling`: None (plain RoPE) or MLA's YaRN parameters (see rope_scaling.py);
 - MoE layers without shared experts (`md.moe_shared_expert_intermediate_size` None) or without a
   router expert bias (`md.moe_router_enable_expert_bias` False) carry no such keys.
 """
@@ -332,6 +333,7 @@ def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
         "qk_layernorm": bool(getattr(ca, "qk_layernorm", False)),
         "vocab_size": md.true_vocab_size,
         "hf_config": None,
+        "rope_scaling": None,
         "num_experts": None,
         "consumed_train_samples": 0,
         "consumed_valid_samples": 0,

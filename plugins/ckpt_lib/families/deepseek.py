@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import protocol as P
+from .. import rope_scaling
 from ..errors import ConversionError
 from . import Relation, Section
 from .dense import EMBEDDING, FINAL_NORM, OUTPUT
@@ -87,6 +88,7 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_lay
         qk_layernorm=False, hf_config=dict(cfg),
     )
     md.multi_latent_attention = True
+    md.rope_scaling = rope_scaling.from_hf(cfg, mla=True)
     md.q_lora_rank, md.kv_lora_rank = cfg["q_lora_rank"], cfg["kv_lora_rank"]
     md.qk_head_dim, md.qk_pos_emb_head_dim, md.v_head_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     md.moe_ffn_hidden_size = cfg["moe_intermediate_size"]
@@ -103,6 +105,26 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_lay
     if not shared:
         raise ConversionError("config.json: n_shared_experts must be >= 1 for the DeepSeek-V3 layout")
     return md
+
+
+def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """A DeepSeek-V3 config.json rebuilt from the metadata (no recorded or given config), rope_scaling included."""
+    shared = md.moe_shared_expert_intermediate_size or 0
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": vocab_size,
+        "hidden_size": md.hidden_size, "intermediate_size": md.ffn_hidden_size, "moe_intermediate_size": md.moe_ffn_hidden_size,
+        "num_hidden_layers": md.num_layers, "num_attention_heads": md.num_attention_heads,
+        "num_key_value_heads": md.num_attention_heads, "n_shared_experts": shared // md.moe_ffn_hidden_size,
+        "n_routed_experts": md.num_experts, "routed_scaling_factor": md.moe_router_topk_scaling_factor,
+        "kv_lora_rank": md.kv_lora_rank, "q_lora_rank": md.q_lora_rank, "qk_rope_head_dim": md.qk_pos_emb_head_dim,
+        "qk_nope_head_dim": md.qk_head_dim, "v_head_dim": md.v_head_dim, "n_group": md.moe_router_num_groups,
+        "topk_group": md.moe_router_group_topk, "num_experts_per_tok": md.moe_router_topk,
+        "first_k_dense_replace": md.first_k_dense_replace, "norm_topk_prob": True,
+        "scoring_func": md.moe_router_score_function or "sigmoid", "hidden_act": "silu",
+        "max_position_embeddings": md.max_position_embeddings, "rms_norm_eps": md.norm_epsilon, "rope_theta": md.rotary_base,
+        "rope_scaling": rope_scaling.to_hf(getattr(md, "rope_scaling", None)), "rope_interleave": True,
+        "attention_bias": False, "tie_word_embeddings": False, "num_nextn_predict_layers": getattr(md, "mtp_num_layers", 0) or 0,
+    }
 
 
 def check_normalised_top_k(cfg: dict[str, Any], default: bool) -> None:
