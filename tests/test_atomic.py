@@ -50,7 +50,7 @@ def test_output_modes_follow_the_umask(tmp_path):
     """Files 0666 & ~umask and directories 0777 & ~umask, as any tool writes them (not mkdtemp's 0700,
     not executable data files): colleagues and other jobs on a shared file system can read the checkpoint."""
     make_hf_model("llama", tmp_path / "hf")
-    for umask in (0o022, 0o027):
+    for umask in (0o022, 0o077):
         out = tmp_path / f"out-{umask:o}"
         cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--loader", "hf", "--saver", "core_ext",
                "--load-dir", str(tmp_path / "hf"), "--save-dir", str(out), "--target-tensor-parallel-size", "2"]
