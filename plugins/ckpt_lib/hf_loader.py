@@ -18,7 +18,7 @@ import torch
 
 from . import protocol as P
 from .errors import ConversionError
-from .families import Section, deepseek, dense, experts_to_protocol, to_protocol
+from .families import Section, deepseek, dense, experts_to_protocol, qwen3_moe, to_protocol
 from .runtime import progress
 from .safetensors_io import SafetensorsSource
 from .shares import layers_to_send
@@ -50,8 +50,9 @@ class Step:
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
-    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted(dense.VARIANTS),
+    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe"]),
                        help="HF family (default: config.json model_type)")
+    group.add_argument("--experts-per-message", type=int, default=8, help="MoE: routed experts per protocol message")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size (default: config.json vocab_size)")
     add_strict(group)
@@ -91,22 +92,32 @@ def dense_plan(md: argparse.Namespace, sections: tuple[Section, Section, Section
     return steps
 
 
-def _expert_steps(md: argparse.Namespace, message: str, layer: int, per_message: int) -> list[Step]:
+def _expert_steps(md: argparse.Namespace, message: str, layer: int, per_message: int,
+                  experts: Section = deepseek.EXPERTS) -> list[Step]:
     return [
-        Step(P.experts_message(message), deepseek.EXPERTS, layer, P.expert_shapes(md, min(per_message, md.num_experts - first)),
+        Step(P.experts_message(message), experts, layer, P.expert_shapes(md, min(per_message, md.num_experts - first)),
              (first, min(per_message, md.num_experts - first)))
         for first in range(0, md.num_experts, per_message)
     ]
 
 
-def deepseek_plan(md: argparse.Namespace, experts_per_message: int) -> list[Step]:
-    """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP."""
+def moe_plan(md: argparse.Namespace, layer_section: Callable[[argparse.Namespace, int], Section], experts: Section,
+             experts_per_message: int) -> list[Step]:
+    """Embeddings, layers (each MoE layer followed by its experts), final norm, output layer (untied)."""
     steps = [_globals(md, dense.EMBEDDING)]
     for i in range(md.num_layers):
-        steps.append(Step(P.layer_message(i), deepseek.layer_section(md, i), i, P.layer_shapes(md, i)))
+        steps.append(Step(P.layer_message(i), layer_section(md, i), i, P.layer_shapes(md, i)))
         if P.is_moe_layer(md, i):
-            steps += _expert_steps(md, P.layer_message(i), i, experts_per_message)
-    steps += [_globals(md, dense.FINAL_NORM), _globals(md, dense.OUTPUT)]
+            steps += _expert_steps(md, P.layer_message(i), i, experts_per_message, experts)
+    steps.append(_globals(md, dense.FINAL_NORM))
+    if md.output_layer:
+        steps.append(_globals(md, dense.OUTPUT))
+    return steps
+
+
+def deepseek_plan(md: argparse.Namespace, experts_per_message: int) -> list[Step]:
+    """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP."""
+    steps = moe_plan(md, deepseek.layer_section, deepseek.EXPERTS, experts_per_message)
     for k in range(md.mtp_num_layers):
         layer = md.num_layers + k
         steps.append(Step(P.mtp_message(k), deepseek.MTP_LAYER, layer, P.mtp_shapes(md)))
@@ -158,6 +169,15 @@ def check_copy(source: SafetensorsSource, copy: str, original: str) -> None:
         raise ConversionError(f"tensor {copy!r} should equal {original!r} but differs")
 
 
+def qwen3_moe_experts(source: SafetensorsSource, md: argparse.Namespace) -> Section:
+    """The experts' on-disk layout: per expert (what transformers 5 saves) or fused [E, ...] (its in-memory
+    parameters), decided by the first MoE layer; `validate` then holds every layer to it."""
+    prefix = f"model.layers.{md.first_k_dense_replace}.mlp.experts."
+    if prefix + "gate_up_proj" in source:
+        return qwen3_moe.FUSED_EXPERTS
+    return deepseek.EXPERTS
+
+
 def load(queue: Any, args: argparse.Namespace) -> None:
     load_dir = Path(args.load_dir)
     cfg = read_config(load_dir)
@@ -165,10 +185,17 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     embed_name = "model.embed_tokens.weight"
     if embed_name not in source:
         raise ConversionError(f"tensor {embed_name!r} is missing from the checkpoint")
-    md = dense.metadata_from_hf(cfg, source.dtype(embed_name), args.model_type_hf)
+    if (args.model_type_hf or cfg.get("model_type")) == "qwen3_moe":
+        md = qwen3_moe.metadata_from_hf(cfg, source.dtype(embed_name))
+        per_message = getattr(args, "experts_per_message", 8) or 8
+        if per_message < 1:
+            raise ConversionError("--experts-per-message must be >= 1")
+        plan = moe_plan(md, qwen3_moe.layer_section, qwen3_moe_experts(source, md), per_message)
+    else:
+        md = dense.metadata_from_hf(cfg, source.dtype(embed_name), args.model_type_hf)
+        plan = dense_plan(md)
     if args.true_vocab_size:
         md.true_vocab_size = args.true_vocab_size
-    plan = dense_plan(md)
     tied_copy = {"lm_head.weight"} if not md.output_layer and "lm_head.weight" in source else set()
     validate(source, md, plan, tied_copy)
     if tied_copy:  # some exporters keep the tied head; it must equal the embeddings

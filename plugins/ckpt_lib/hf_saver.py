@@ -52,7 +52,7 @@ def layer_section(md: argparse.Namespace, layer: int) -> Section:
     """The HF table of a decoder layer: DeepSeek-V3 (MLA), Qwen3-MoE (experts without MLA) or dense."""
     if getattr(md, "multi_latent_attention", False):
         return deepseek.layer_section(md, layer)
-    return qwen3_moe.LAYER if md.num_experts else dense.LAYER
+    return qwen3_moe.layer_section(md, layer) if md.num_experts else dense.LAYER
 
 
 def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +166,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         qwen3_moe.check(md)
     check_target(args.save_dir, args.overwrite)
     cfg = output_config(args, md)
+    if md.num_experts and not getattr(md, "multi_latent_attention", False):
+        qwen3_moe.check_config(cfg, md)
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
     summary = Summary("saver_hf")
     with StagedDir(args.save_dir, args.overwrite) as staged:

@@ -47,7 +47,7 @@ LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 MOE_FIELDS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups",
               "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_score_function",
-              "moe_router_enable_expert_bias")
+              "moe_router_enable_expert_bias", "moe_router_pre_softmax")
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:

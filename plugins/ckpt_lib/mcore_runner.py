@@ -175,6 +175,8 @@ def _config(args: argparse.Namespace, layout: list[list[str]] | None) -> Any:
                      moe_router_dtype="fp32", moe_token_dispatcher_type="allgather",
                      expert_model_parallel_size=args.expert_model_parallel_size, moe_aux_loss_coeff=0.0,
                      sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
+        if "moe_router_pre_softmax" in _config_fields(cls):  # Qwen3-MoE norm_topk_prob false: softmax over all, then top k
+            extra["moe_router_pre_softmax"] = bool(getattr(args, "moe_router_pre_softmax", False))
     if getattr(args, "mtp_num_layers", None):
         # The loss scale only weighs the MTP loss (not the logits); 0.12's config has no default for it.
         scale = getattr(args, "mtp_loss_scaling_factor", None)

@@ -252,6 +252,34 @@ class Pending:
     def load(self) -> torch.Tensor:
         return self.file.get(self.name).reshape(self.shape)
 
+    def rows(self, first: int, count: int) -> PendingRows:
+        """Rows [first, first+count) of dimension 0, still unread (only their bytes are read)."""
+        if not 0 <= first <= first + count <= self.shape[0]:
+            raise ConversionError(f"tensor {self.name!r}: rows {first}..{first + count} out of {self.shape[0]}")
+        row_bytes = self.shape[1:].numel() * torch.empty((), dtype=self.dtype).element_size()
+        part = PendingRows(self.file, self.name, (count, *self.shape[1:]))
+        part.start = getattr(self, "start", 0) + first * row_bytes
+        return part
+
+
+class PendingRows(Pending):
+    """A run of whole rows of a stored tensor: read from byte `start` of its data."""
+
+    start = 0
+
+    def read_into(self, dest: torch.Tensor) -> None:
+        if dest.dtype != self.dtype or dest.shape.numel() != self.shape.numel():
+            raise ConversionError(f"tensor {self.name!r} rows cannot be read into {dest.dtype} {list(dest.shape)}")
+        if not dest.is_contiguous():
+            dest.copy_(self.load().reshape(dest.shape))
+            return
+        self.file._read(self.name, [memoryview(dest.reshape(-1).view(torch.uint8).numpy())], self.start)
+
+    def load(self) -> torch.Tensor:
+        out = empty_shared(tuple(self.shape), self.dtype)
+        self.read_into(out)
+        return out
+
 
 class SafetensorsSource:
     """All tensors of a checkpoint spread over safetensors files; tracks which were read."""

@@ -157,12 +157,21 @@ def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | N
 
 def experts_to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: int | None,
                         first: int, count: int) -> dict[str, torch.Tensor]:
-    """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in])."""
+    """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in]). A relation
+    whose source has no `{expert}` names one tensor holding all experts ([E, ...]): its rows
+    [first, first+count) are read and go through the relation's op."""
     prefix = section.prefix.format(layer=layer)
-    return {
-        rel.keys[0]: stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
-        for rel in section.active(md)
-    }
+    out: dict[str, torch.Tensor] = {}
+    for rel in section.active(md):
+        if "{expert}" in rel.source[0]:
+            out[rel.keys[0]] = stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
+            continue
+        whole = read(prefix + rel.source[0])
+        if whole.shape[0] != md.num_experts:
+            raise ConversionError(f"{prefix + rel.source[0]}: {whole.shape[0]} experts in dimension 0, expected {md.num_experts}")
+        rows = whole.rows(first, count) if isinstance(whole, Pending) else whole.narrow(0, first, count)
+        out.update(zip(rel.keys, rel.op.forward((loaded(rows),), md)))
+    return out
 
 
 def experts_from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None,
