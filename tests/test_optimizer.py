@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ckpt_lib import manifest
-from ckpt_lib.mcore_trainer import TrainSpec, train
 from ckpt_lib.optimizer_state import read_optimizer_state
+from mcore_trainer import TrainSpec, train
 from util import convert_cli, convert_inprocess, make_deepseek_model, make_hf_model
 
 TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from .mcore_runner import (
+from ckpt_lib.mcore_runner import (
     TRACKER,
     CudaAsCpu,
     _config,
