@@ -78,9 +78,12 @@ def test_conversion_through_reused_buffers_is_exact(tmp_path, monkeypatch):
     flags = ["--loader", "hf", "--saver", "core_ext", "--target-tensor-parallel-size", "2",
              "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local"]
     monkeypatch.setenv("CKPT_DEBUG", "1")
-    result = convert_cli(*flags, "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "pooled"))
-    assert result.returncode == 0, result.stderr
-    reused = re.search(r"loader: (\d+) reads into reused shared memory", result.stderr)
+    for _attempt in range(3):  # reuse needs the saver to keep up; on a loaded machine a run may reuse nothing
+        result = convert_cli(*flags, "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "pooled"), "--overwrite")
+        assert result.returncode == 0, result.stderr
+        reused = re.search(r"loader: (\d+) reads into reused shared memory", result.stderr)
+        if reused and int(reused.group(1)) > 0:
+            break
     assert reused and int(reused.group(1)) > 0, result.stderr
     monkeypatch.setattr(runtime, "_shared_pool", lambda paced: None)
     convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "fresh", *flags[4:])
