@@ -28,6 +28,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+def missing_here(why: str) -> None:
+    """Something a test needs is not installed: a skip on a developer's machine, a failure under CI
+    (which runs `make env` and has ../shared)."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def make_hf_model(family: str, directory: Path, num_layers: int = 4, dtype: torch.dtype = torch.float32,
                   seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """Build a tiny random model with transformers and save_pretrained it (no hub access)."""

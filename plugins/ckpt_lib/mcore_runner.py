@@ -324,12 +324,19 @@ def _as_virtual_stage(vp_stage: int | None) -> Any:
     if vp_stage is None:
         yield
         return
-    own = ps.get_virtual_pipeline_model_parallel_rank()
-    ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
+    with _rank_set(ps.get_virtual_pipeline_model_parallel_rank, ps.set_virtual_pipeline_model_parallel_rank, vp_stage):
+        yield
+
+
+@contextlib.contextmanager
+def _rank_set(get: Any, set_: Any, rank: int) -> Any:
+    """A parallel_state rank set to `rank` for the block, the previous one restored after."""
+    own = get()
+    set_(rank)
     try:
         yield
     finally:
-        ps.set_virtual_pipeline_model_parallel_rank(own)
+        set_(own)
 
 
 def _load_torch_dist(model: Any, it_dir: Path) -> dict[str, Any]:
@@ -439,12 +446,8 @@ def _built_as_pipeline_rank(rank: int) -> Any:
     numbers, first/last-stage parts): the pipeline rank megatron-core reads is that stage's rank there."""
     from megatron.core import parallel_state as ps
 
-    own = ps.get_pipeline_model_parallel_rank()
-    ps.set_pipeline_model_parallel_rank(rank)
-    try:
+    with _rank_set(ps.get_pipeline_model_parallel_rank, ps.set_pipeline_model_parallel_rank, rank):
         yield
-    finally:
-        ps.set_pipeline_model_parallel_rank(own)
 
 
 def _without_embedding_sync() -> Any:

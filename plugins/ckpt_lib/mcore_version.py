@@ -21,7 +21,6 @@ from .errors import ConversionError
 
 Version = tuple[int, int]
 
-TESTED: tuple[Version, ...] = ((0, 12), (0, 16), (0, 19), (0, 20))  # 0.20: Megatron-LM main (2026-08)
 NEWEST: Version = (0, 19)  # the newest release tested; the default when nothing says which one runs
 MTP_RENAMED: Version = (0, 17)
 MTP_SUBMODULES = ("transformer_layer", "mtp_model_layer")  # before / from MTP_RENAMED
