@@ -79,14 +79,12 @@ def test_unread_queue_is_drained_after_the_saver_ends():
     """After the saver has gone, messages it never read are drained so that the queue's feeder thread
     ends (one left blocked on a full pipe aborted the interpreter at exit); the closed queue is read
     directly (its get() refuses once closed, which failed conversions at random)."""
-    import importlib.util
     import multiprocessing
 
-    spec = importlib.util.spec_from_file_location("convert_driver", ROOT / "convert.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    from ckpt_lib import driver
+
     queue = multiprocessing.get_context("fork").Queue()
     for _ in range(8):
         queue.put(b"x" * (1 << 20))  # far more than a pipe holds: the feeder blocks
-    driver._drain(queue)
+    driver.drain(queue)
     assert not queue._thread.is_alive()

@@ -1,4 +1,8 @@
-"""Compare two checkpoints of any supported formats by their protocol streams.
+"""Compare two checkpoints of any supported formats by their protocol streams (`verify.py`, `mcore-verify`).
+
+    python verify.py --source ./Qwen3-8B --converted ./qwen3-mcore [--atol 0]
+
+Exit status 0 when every tensor agrees within --atol (default: bit-exact), 1 otherwise, 2 on bad input.
 
 Each side is read by its loader, exactly as a conversion would (so sharding is undone the same way),
 and the two message streams are compared key by key: missing or extra messages and keys, shapes,
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import queue
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -207,3 +212,14 @@ def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None)
             raise ConversionError("--logits compares an HF directory with a Megatron checkpoint")
         ok = compare_logits(hf_dir, sides["core_ext"], args.logits_atol) and ok
     return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args()
+    try:
+        return 0 if run(args) else 1
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
