@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env demo test lint bench clean
+.PHONY: env demo test lint bench package-check clean
 
 # Other megatron-core releases for tests/test_mcore_versions.py, beside the venv's 0.16.1 (not on its
 # path; tests/mcore_versions.py puts one first on PYTHONPATH): 0.12.1, and 0.19.2, whose wheel is tagged
@@ -44,6 +44,18 @@ test: env
 
 lint: env
 	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py verify.py
+
+# `pip install .` into a fresh venv (torch first, as the README says), then the installed command from
+# outside the repository. CI runs it after the two README commands.
+package-check:
+	rm -rf /tmp/ckpt-package-check
+	$(PYTHON) -m venv /tmp/ckpt-package-check
+	/tmp/ckpt-package-check/bin/pip install -q torch==2.13.0
+	/tmp/ckpt-package-check/bin/pip install -q .
+	cd /tmp && /tmp/ckpt-package-check/bin/mcore-convert --loader hf --saver core_ext --help > /dev/null
+	cd /tmp && /tmp/ckpt-package-check/bin/mcore-verify --help > /dev/null
+	rm -rf /tmp/ckpt-package-check
+	@echo "package-check: pip install . gives working mcore-convert and mcore-verify"
 
 bench: env
 	$(PY) bench/bench_scale.py
