@@ -20,12 +20,15 @@ SIDE_PIP := $(PY) -m pip install -q --no-deps --only-binary=:all: --no-warn-scri
 
 env: $(STAMP) $(SIDE_STAMP)
 
-# torch first, pinned, so that no other package pulls a CUDA build of it.
-$(STAMP): requirements.txt requirements-dev.txt
+# torch first, pinned, so that no other package pulls a CUDA build of it; then the pinned test
+# environment, and this project itself in editable mode (no dependencies: they are pinned above), so
+# that tests, bench and demo import ckpt_lib / ckpt_verify / the plugins without path edits.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 $(SIDE_STAMP): $(STAMP)
@@ -54,7 +57,7 @@ package-check:
 	/tmp/ckpt-package-check/bin/pip install -q .
 	cd /tmp && /tmp/ckpt-package-check/bin/mcore-convert --loader hf --saver core_ext --help > /dev/null
 	cd /tmp && /tmp/ckpt-package-check/bin/mcore-verify --help > /dev/null
-	rm -rf /tmp/ckpt-package-check
+	rm -rf /tmp/ckpt-package-check build
 	@echo "package-check: pip install . gives working mcore-convert and mcore-verify"
 
 bench: env

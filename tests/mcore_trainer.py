@@ -2,8 +2,8 @@
 Megatron-LM's legacy `torch` format does, optimizer state included (the proof that optimizer
 state survives resharding; needs megatron-core, which conversions do not).
 
-Per rank (gloo, one process each, the patches of mcore_runner plus its `CudaAsCpu` mode): the
-GPTModel chunks of mcore_runner, wrapped as Megatron-LM's `get_model` does in megatron-core
+Per rank (gloo, one process each, mcore_model's `on_cpu` plus the `CudaAsCpu` mode below): the
+GPTModel chunks of ckpt_verify.mcore_runner, wrapped as Megatron-LM's `get_model` does in megatron-core
 `DistributedDataParallel` (grads reduced in fp32, distributed optimizer buffers, bucketing off for
 chunks after the first and for PP ranks > 0), `get_megatron_optimizer` (Adam, distributed
 optimizer, fp32 main params) and `OptimizerParamScheduler`; one step is megatron-core's
@@ -32,18 +32,32 @@ from typing import Any
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from ckpt_verify.mcore_runner import TRACKER, free_port, load_rank_models, read_args
+from torch.overrides import TorchFunctionMode
 
-from ckpt_lib.mcore_runner import (
-    TRACKER,
-    CudaAsCpu,
-    _config,
-    _free_port,
-    _layout_list,
-    _patch_cpu,
-    load_rank_models,
-    read_args,
-    stage_layout,
-)
+from ckpt_lib.mcore_model import layout_names, on_cpu, stage_layout, transformer_config
+
+
+class CudaAsCpu(TorchFunctionMode):
+    """For training on CPU: megatron-core's optimizer and DDP code create tensors
+    with a literal `device="cuda"` and accept only parameters whose `Tensor.type()` is a
+    'torch.cuda.*Tensor' string; this mode puts such tensors on the CPU and names CPU tensors by
+    their CUDA type."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_meta else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_cuda(device: Any) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (isinstance(device, torch.device) and device.type == "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +143,11 @@ def _patch_torch_adam_resume() -> None:
 
 def _worker(rank: int, world: int, port: int, load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int, int]) -> None:
     warnings.filterwarnings("ignore")
-    _patch_cpu()
+    with on_cpu():
+        _train_rank(rank, world, port, load_dir, save_dir, spec, layout)
+
+
+def _train_rank(rank: int, world: int, port: int, load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int, int]) -> None:
     _patch_torch_adam_resume()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -161,7 +179,7 @@ def _train(load_dir: str, save_dir: str, spec: TrainSpec, layout: tuple[int, int
     name = _rank_name(tp_rank, pp_rank, ep_rank, pp, ep)
     # Initialized as Megatron-LM does (then overwritten by the checkpoint): megatron-core sets the
     # TP attributes the grad norm relies on only while initializing.
-    config = dataclasses.replace(_config(args, _layout_list(args)), perform_initialization=True)
+    config = dataclasses.replace(transformer_config(args, layout_names(args)), perform_initialization=True)
     if spec.bf16:
         config = dataclasses.replace(config, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     torch.manual_seed(0)
@@ -273,5 +291,5 @@ def train(load_dir: str | Path, save_dir: str | Path, spec: TrainSpec) -> None:
     args, _ = read_args(Path(load_dir))
     layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, getattr(args, "expert_model_parallel_size", 1))
     world = layout[0] * layout[1] * spec.dp
-    mp.start_processes(_worker, args=(world, _free_port(), str(load_dir), str(save_dir), spec, layout),
+    mp.start_processes(_worker, args=(world, free_port(), str(load_dir), str(save_dir), spec, layout),
                        nprocs=world, join=True, start_method="spawn")

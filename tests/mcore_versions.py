@@ -1,6 +1,6 @@
 """Other megatron-core releases for the tests: `make env` installs 0.12.1 and 0.19.2 (and the triton that
 0.19.2 imports) side by side under .venv/side/, outside the venv's site-packages, which keeps 0.16.1.
-`outputs_under` runs the CPU runner (ckpt_lib.mcore_runner) in a child of the venv's python whose
+`outputs_under` runs the CPU runner (ckpt_verify.mcore_runner) in a child of the venv's python whose
 PYTHONPATH puts that release's `megatron` first; the runner's rank processes inherit it."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SIDE_DIRS: dict[str, tuple[str, ...]] = {
 _CHILD = """
 import sys, torch
 import megatron.core, megatron.core.package_info as info
-from ckpt_lib.mcore_runner import mcore_outputs
+from ckpt_verify.mcore_runner import mcore_outputs
 version, where, ckpt, tokens_file, layout, out_file = sys.argv[1:]
 found = info.__version__.split("+")[0]
 assert found == version and megatron.core.__file__.startswith(where), (found, megatron.core.__file__, version, where)
@@ -56,8 +56,7 @@ def outputs_under(version: str, ckpt_dir: str | Path, tokens: torch.Tensor,
     path = mcore_path(version)
     if not path:
         import megatron.core.package_info as info
-
-        from ckpt_lib.mcore_runner import mcore_outputs
+        from ckpt_verify.mcore_runner import mcore_outputs
 
         assert info.__version__.split("+")[0] == version, info.__version__
         return mcore_outputs(ckpt_dir, tokens, layout)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib import block_file
 from ckpt_lib.block_file import BlockFile
 from ckpt_lib.megatron_io import RankFileWriter

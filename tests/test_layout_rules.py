@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib.errors import ConversionError
 from ckpt_lib.families import QKV, concat, stack
 from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list

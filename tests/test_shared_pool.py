@@ -9,7 +9,6 @@ import re
 
 import torch
 
-import util  # noqa: F401  (puts plugins/ on sys.path)
 from ckpt_lib import runtime
 from ckpt_lib.safetensors_io import SharedPool
 from util import assert_same_tensors, convert_cli, convert_inprocess, make_hf_model, read_mcore_dir

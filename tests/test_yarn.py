@@ -1,5 +1,5 @@
 """DeepSeek-V3's YaRN RoPE scaling: carried in the metadata and written into `args` under the names Megatron reads,
-so that a model built from the checkpoint's own args (mcore_runner._config, as Megatron-LM builds it) computes
+so that a model built from the checkpoint's own args (mcore_model.transformer_config, as Megatron-LM builds it) computes
 transformers' rotary frequencies and MLA softmax scale. The tiny model's original length (16, max positions 640 =
 40 x 16) puts YaRN's correction range inside its 8 rotary dims, so the frequencies change, not just the scales."""
 

@@ -14,9 +14,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = ROOT / "plugins"
-if str(PLUGINS) not in sys.path:
-    sys.path.insert(0, str(PLUGINS))
+PLUGINS = ROOT / "plugins"  # importable as installed by `make env` (pip install -e .)
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # Llama with GQA (4 heads, 2 groups), untied.

@@ -26,13 +26,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .errors import debug
+
 EXIT, DONE = "exit", "done"
 POLL_SECONDS = 0.5  # how long a put waits before looking at the saver again
-
-
-def debug() -> bool:
-    """Tracebacks only on request: users get one line, developers set CKPT_DEBUG=1."""
-    return os.environ.get("CKPT_DEBUG", "") not in ("", "0")
 
 
 def report(role: str, error: BaseException) -> None:
@@ -260,10 +257,10 @@ def convert_shared(loader: ModuleType, saver: ModuleType, args: argparse.Namespa
     import multiprocessing
     from multiprocessing.connection import wait
 
-    from ckpt_lib import shares
-    from ckpt_lib.errors import ConversionError
-    from ckpt_lib.runtime import Summary
-    from ckpt_lib.staging import StagedDir
+    from . import shares
+    from .errors import ConversionError
+    from .runtime import Summary
+    from .staging import StagedDir
 
     if not getattr(saver, "SHARED_OUTPUT", False):
         raise ConversionError(f"--workers / torchrun need a saver that writes shares of its output (core_ext); {args.saver} does not")
@@ -315,8 +312,8 @@ def _torchrun_worker(loader: ModuleType, saver: ModuleType, args: argparse.Names
 
     import torch.distributed as dist
 
-    from ckpt_lib import shares
-    from ckpt_lib.staging import StagedDir
+    from . import shares
+    from .staging import StagedDir
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))  # a rank may convert for hours
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -398,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_verify(loader: str, args: argparse.Namespace) -> int:
     """Re-read the input with the same loader options and the output with its own loader."""
-    from ckpt_lib import verify
+    from . import verify
 
     options = argparse.Namespace(source=Path(args.load_dir), converted=Path(args.save_dir), source_loader=loader,
                                  converted_loader=None, source_args="", converted_args="", atol=0.0)

@@ -19,25 +19,13 @@ from . import optimizer_state, rope_scaling
 from . import protocol as P
 from .errors import ConversionError
 from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters, split_fused_down
-from .mcore_names import (
-    EMBEDDING_PARAMS,
-    FINAL_NORM_PARAMS,
-    LAYER_PREFIX,
-    MTP_LAYER_PREFIX,
-    MTP_PARAMS,
-    MTP_PREFIX,
-    OUTPUT_PARAMS,
-    VOCAB,
-    Param,
-    detect_impl,
-    expert_params,
-    layer_params,
-)
+from .mcore_names import VOCAB, Param, detect_impl
+from .mcore_plan import Placement, RankFilePlan
 from .mcore_version import detect_mtp_submodule
 from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
-from .mindspeed import from_mindspeed, is_mindspeed
+from .mindspeed import is_mindspeed
+from .naming_profile import NamingProfile
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
-from .qlora import dequantize_nf4
 from .runtime import progress
 from .sharding import COLUMN, GATED, gather
 from .shares import layers_to_send
@@ -228,15 +216,10 @@ class McoreLoader:
         md.num_layers = len(self.layout.real_layers)  # protocol numbering: noop layers skipped
         if self.layout.num_layers != first["args"].num_layers:
             raise ConversionError(f"the files hold {self.layout.num_layers} layers but args.num_layers is {first['args'].num_layers}")
-        if md.num_experts and md.num_experts % f.ep:
-            raise ConversionError(f"{md.num_experts} experts do not split over the {f.ep} expert-parallel ranks of the files")
-        buckets = f.ep * f.tp if self.tp_extend else f.ep
-        if md.num_experts and md.num_experts % buckets:
-            raise ConversionError(f"{md.num_experts} experts do not split into the checkpoint's {buckets} expert groups")
-        self.experts_per_rank = md.num_experts // buckets if md.num_experts else 0
-        self.last = self.layout.last_segment()
-        last_names = _tensor_names(f.chunks(0, self.last.pp_rank, 0)[self.last.chunk]) if md.mtp_num_layers else []
-        self.mtp_submodule = detect_mtp_submodule(last_names)  # megatron-core 0.17+ or older names
+        last = self.layout.last_segment()
+        last_names = _tensor_names(f.chunks(0, last.pp_rank, 0)[last.chunk]) if md.mtp_num_layers else []
+        self.plan = RankFilePlan(md, self.layout, f.tp, f.ep, self.impl, whole_mla_down=self.mindspeed, grouped=self.te_grouped,
+                                 tp_extend=self.tp_extend, mtp_submodule=detect_mtp_submodule(last_names))
         self._check_names()
 
     @staticmethod
@@ -255,7 +238,7 @@ class McoreLoader:
         key = (tp, pp, ep)
         if key not in self._chunks:
             split = [split_adapters(c) for c in self.files.chunks(tp, pp, ep)]
-            split = [(dequantize_nf4(from_mindspeed(base, self.md, self.experts_per_rank)), split_fused_down(adapters, self.md))
+            split = [(NamingProfile.read(base, self.md, self.plan.experts_per_rank), split_fused_down(adapters, self.md))
                      for base, adapters in split]
             self._chunks[key] = [base for base, _ in split]
             self._adapters[key] = [adapters for _, adapters in split]
@@ -272,45 +255,12 @@ class McoreLoader:
         self.chunks(tp, pp, ep)
         return self._adapters[(tp, pp, ep)][chunk]
 
-    def _layer_params(self, moe: bool) -> tuple[Param, ...]:
-        return layer_params(self.impl, self.md, moe, self.mindspeed)
-
-    def _layer_names(self, prefix: str, layer: int, ep: int) -> set[str]:
-        moe = P.is_moe_layer(self.md, layer)
-        names = {prefix + p.name for p in self._layer_params(moe) if p.applies(self.md)}
-        if moe:
-            names.update(prefix + p.name.format(expert=e) for e in range(self.experts_per_rank)
-                         for p in expert_params(self.impl, self.te_grouped))
-        return names
-
-    def _planned(self, pp: int, ep: int, chunk: int) -> set[str]:
-        """Names this loader will read from one chunk of one rank file."""
-        md, layout = self.md, self.layout
-        names: set[str] = set()
-        for layer, padded in enumerate(layout.real_layers):
-            seg, local = layout.locate(padded)
-            if (seg.pp_rank, seg.chunk) == (pp, chunk):
-                names |= self._layer_names(LAYER_PREFIX.format(layer=local), layer, ep)
-        first, last = layout.first_segment(), self.last
-        if (pp, chunk) == (first.pp_rank, first.chunk):
-            names.update(p.name for p in EMBEDDING_PARAMS if p.applies(md))
-        if (pp, chunk) == (last.pp_rank, last.chunk):
-            names.update(p.name for p in FINAL_NORM_PARAMS if p.applies(md))
-            if md.output_layer or layout.split_ends():
-                names.add("output_layer.weight")
-            if md.mtp_num_layers and layout.split_ends():
-                names.add("embedding.word_embeddings.weight")
-            for k in range(md.mtp_num_layers):
-                names.update(MTP_PREFIX.format(index=k) + p.name for p in MTP_PARAMS)
-                names |= self._layer_names(MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule), md.num_layers + k, ep)
-        return names
-
     def _check_names(self) -> None:
         """Every tensor in every file is mapped, and every mapped tensor exists."""
         self.found_adapters = 0
         for (tp, pp, ep), path in sorted(self.files.grid.items()):
             for chunk, state in enumerate(self.chunks(tp, pp, ep)):
-                planned, present = self._planned(pp, ep, chunk), set(_tensor_names(state))
+                planned, present = self.plan.names(pp, chunk), set(_tensor_names(state))
                 if present - planned:
                     extra = sorted(present - planned)
                     raise ConversionError(f"{path}: unmapped tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
@@ -333,11 +283,9 @@ class McoreLoader:
 
     def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
                 **fmt: int) -> dict[str, torch.Tensor]:
-        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`)."""
+        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
-            if not param.applies(self.md):
-                continue
             name = prefix + param.name.format(**fmt)
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
@@ -349,19 +297,19 @@ class McoreLoader:
             out.update(zip(param.keys, full if isinstance(full, tuple) else (full,)))
         return out
 
-    def _send_layer(self, queue: Any, message: str, layer: int, seg: Segment, prefix: str,
-                    extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
-        moe = P.is_moe_layer(self.md, layer)
-        msg = self._gather(extra, seg, extra_prefix) if extra else {}
-        msg.update(self._gather(self._layer_params(moe), seg, prefix))
-        queue.put({"name": message, **msg})
-        if not moe:
+    def _send(self, queue: Any, placement: Placement) -> None:
+        """One message, gathered from its plan groups, then its routed experts in stacked messages."""
+        seg, msg = placement.segment, {}
+        for group in placement.groups:
+            msg.update(self._gather(group.params, seg, group.prefix))
+        queue.put({"name": placement.message, **msg})
+        if placement.experts is None:
             return
         for first in range(0, self.md.num_experts, self.experts_per_message):
             experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
-            parts = [self._gather_expert(e, seg, prefix) for e in experts]
+            parts = [self._gather_expert(e, seg, placement.experts) for e in experts]
             stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
-            queue.put({"name": P.experts_message(message), P.FIRST_EXPERT: first, **stacked})
+            queue.put({"name": P.experts_message(placement.message), P.FIRST_EXPERT: first, **stacked})
 
     def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
         a, b = gather_adapter(adapter_shards, rule, module)
@@ -371,18 +319,15 @@ class McoreLoader:
         return merge(full, a, b, scale)
 
     def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
-        table, group, local = expert_params(self.impl, self.te_grouped), *divmod(expert, self.experts_per_rank)
-        if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
-            ep, tp = divmod(group, self.files.tp)
-            return self._gather(table, seg, prefix, ep, tp, expert=local)
-        return self._gather(table, seg, prefix, group, expert=local)
+        slot = self.plan.expert_slot(expert)
+        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, expert=slot.local)
 
     def _gather_adapters(self, params: Iterable[Param], seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         """Protocol keys '<key> lora A' / '<key> lora B' of the adapted parameters (TP-gathered)."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
             module = (prefix + param.name).removesuffix(".weight")
-            if not param.applies(self.md) or module not in self.adapters(0, seg.pp_rank, 0, seg.chunk):
+            if module not in self.adapters(0, seg.pp_rank, 0, seg.chunk):
                 continue
             shards = [self.adapters(tp, seg.pp_rank, 0, seg.chunk)[module] for tp in range(self.files.tp)]
             a, b = gather_adapter(shards, param.rule, module)
@@ -395,10 +340,12 @@ class McoreLoader:
         md = self.md
         md.lora_export = {"r": self.lora.rank, "alpha": self.lora.alpha, "rslora": self.lora.rslora}
         P.send_metadata(queue, md, self.args)
-        for layer in range(md.num_layers):
-            seg, local = self.layout.locate_real(layer)
-            msg = self._gather_adapters(self._layer_params(P.is_moe_layer(md, layer)), seg, LAYER_PREFIX.format(layer=local))
-            queue.put({"name": P.layer_message(layer), **msg})
+        for placement in self.plan.placements():
+            if placement.layer is not None and placement.layer < md.num_layers:
+                msg: dict[str, torch.Tensor] = {}
+                for group in placement.groups:
+                    msg.update(self._gather_adapters(group.params, placement.segment, group.prefix))
+                queue.put({"name": placement.message, **msg})
         queue.put(P.DONE)
 
     def send(self, queue: Any) -> None:
@@ -407,21 +354,11 @@ class McoreLoader:
             return self.send_adapters(queue)
         md = self.md
         md.share_layers = layers_to_send(self.args, md)  # a worker sends only the layers it writes
-        sent = set(range(md.num_layers + md.mtp_num_layers) if md.share_layers is None else md.share_layers)
         optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
         P.send_metadata(queue, md, self.args)
-        queue.put({"name": P.EMBEDDINGS, **self._gather(EMBEDDING_PARAMS, self.layout.first_segment())})
-        layers = [layer for layer in range(md.num_layers) if layer in sent]
-        for layer in progress(layers, len(layers), "loader_core_ext"):
-            seg, local = self.layout.locate_real(layer)
-            self._send_layer(queue, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
-        queue.put({"name": P.FINAL_NORM, **self._gather(FINAL_NORM_PARAMS, self.last)})
-        if md.output_layer:
-            queue.put({"name": P.OUTPUT_LAYER, **self._gather(OUTPUT_PARAMS, self.last)})
-        for k in (k for k in range(md.mtp_num_layers) if md.num_layers + k in sent):
-            self._send_layer(queue, P.mtp_message(k), md.num_layers + k, self.last,
-                             MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule),
-                             MTP_PARAMS, MTP_PREFIX.format(index=k))
+        placements = list(self.plan.placements(md.share_layers))
+        for placement in progress(placements, len(placements), "loader_core_ext"):
+            self._send(queue, placement)
         if optim is not None:
             queue.put(optim)
         queue.put(P.DONE)

@@ -1,14 +1,14 @@
-"""Receive protocol messages and write Megatron-Core legacy `torch` rank files at a target layout.
+"""Receive protocol messages and write a Megatron-Core checkpoint at a target layout.
 
-Tensors are split as they arrive and written into their rank files after each message (layer),
-so memory holds about one layer whatever the size of a pipeline stage; a rank's files are closed
-when its last layer has arrived. No model is built.
+The rank-file plan (`mcore_plan`) says where each message goes; tensors are split as they arrive
+and handed to the writer (`mcore_writers`: legacy rank files through the naming profile, or
+torch_dist) after each message, so memory holds about one layer whatever the size of a pipeline
+stage; a stage's files are closed when its last layer has arrived.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +17,15 @@ import torch
 from . import mcore_version, optimizer_state, rope_scaling
 from . import protocol as P
 from .errors import ConversionError
-from .manifest import Manifest, describe
-from .mcore_names import (
-    EMBEDDING_PARAMS,
-    FINAL_NORM_PARAMS,
-    LAYER_PREFIX,
-    MTP_LAYER_PREFIX,
-    MTP_PARAMS,
-    MTP_PREFIX,
-    OUTPUT_PARAMS,
-    VOCAB,
-    Param,
-    expert_params,
-    layer_params,
-)
-from .megatron_io import RankFileWriter, iteration_dir_name, megatron_args, raise_open_file_limit, rank_dir_name, write_tracker
-from .mindspeed import group_experts, to_mindspeed
-from .pipeline import PipelineLayout, Segment, make_layout, parse_layer_list
-from .qlora import quantize_nf4
+from .manifest import Manifest
+from .mcore_names import VOCAB, Param
+from .mcore_plan import WORD_EMBEDDINGS, Group, Placement, RankFilePlan
+from .mcore_writers import FORMATS
+from .megatron_io import iteration_dir_name, megatron_args, write_tracker
+from .naming_profile import MEGATRON_CORE, MINDSPEED, NamingProfile
+from .pipeline import PipelineLayout, Segment, parse_layer_list
 from .runtime import Summary, progress
-from .sharding import COLUMN, materialize, pad_vocab, padded_vocab_size, split, split_stacked
+from .sharding import COLUMN, pad_vocab, padded_vocab_size, split, split_stacked
 from .shares import Share, layers_to_send, target_layout, target_sizes
 from .staging import StagedDir, check_target
 
@@ -89,88 +78,62 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 class McoreSaver:
-    """State of one conversion into rank files."""
+    """State of one conversion into rank files: options checked, a rank-file plan, and a writer."""
 
     def __init__(self, args: argparse.Namespace, md: argparse.Namespace) -> None:
         self.args, self.md = args, md
-        self.tp, self.pp, self.ep = target_sizes(args, md)
-        # torch_dist stores whole tensors: split at TP/PP/EP 1, record the target sizes in args.
-        self.torch_dist = getattr(args, "ckpt_format", "torch") == "torch_dist"
-        self.target = (self.tp, self.pp, self.ep)
-        self.dist_writer: Any = None  # a torch_dist.TorchDistWriter once the vocabulary size is known
+        self.format = FORMATS[getattr(args, "ckpt_format", "torch")]
+        self.target = target_sizes(args, md)
         self.num_experts = md.num_experts or 0
         self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
-        noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
-        self.layout: PipelineLayout = target_layout(args, md)
-        self.target_layout = self.layout
+        self.target_layout: PipelineLayout = target_layout(args, md)
         self.share: Share | None = getattr(args, "share", None)
         sent = getattr(md, "share_layers", None)  # None: the loader sends every layer
         self.sent = set(range(md.num_layers + self.mtp_layers) if sent is None else sent)
+        self.format.check(args, self.share is not None)
         if self.share is not None:
             self._check_share()
-        if self.torch_dist:
-            self._check_torch_dist(noop)
-            self.tp = self.pp = self.ep = 1
-            self.layout = make_layout(md.num_layers, 1, None, None, [], False)
-        self.naming = getattr(args, "naming", "megatron-core")
+        layout, (self.tp, self.pp, self.ep) = self.format.stored(self.target_layout, self.target, md)
+        self.naming = getattr(args, "naming", MEGATRON_CORE)
         self.grouped = bool(getattr(args, "moe_grouped_gemm", False))
         self.tp_extend = bool(getattr(args, "moe_tp_extend_ep", False))
         self.mm_split = bool(getattr(args, "mla_mm_split", False))
-        self.impl = "local" if self.naming == "mindspeed" or self.torch_dist else args.saver_transformer_impl
-        self.mcore = self._target_mcore()
+        self.impl = "local" if self.naming == MINDSPEED else self.format.impl(args.saver_transformer_impl)
+        self.profile = NamingProfile(self.naming, self.impl, self.grouped, self.mm_split, bool(getattr(args, "qlora_nf4", False)))
+        self.mcore = self.format.mcore_target(args)
         rope_scaling.check_target(md, self.mcore.version)
-        # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
-        self.mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == "mindspeed" else self.mcore.mtp_submodule
         self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
         self._check_divisibility()
+        # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
+        mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == MINDSPEED else self.mcore.mtp_submodule
+        self.plan = RankFilePlan(md, layout, self.tp, self.ep, self.impl, whole_mla_down=self.naming == MINDSPEED,
+                                 grouped=self.grouped, tp_extend=self.tp_extend, mtp_submodule=mtp_submodule)
         self.true_vocab = args.true_vocab_size or md.true_vocab_size
         self.divisible_by = args.make_vocab_size_divisible_by or md.make_vocab_size_divisible_by or 128
         md.make_vocab_size_divisible_by = self.divisible_by
         self.padded_vocab: int | None = None
-        self.first, self.last = self.layout.first_segment(), self.layout.last_segment()
-        self.last_layer = {r: self.layout.last_layer_of_rank(r) for r in range(self.pp)}
-        # state[pp][ep][tp][chunk] -> {name: tensor} received but not yet written (one message's worth).
-        self.state: dict[int, list[list[list[dict[str, torch.Tensor]]]]] = {}
-        self.writers: dict[tuple[int, int, int], RankFileWriter] = {}
-        raise_open_file_limit(self.tp * self.pp * self.ep)
-        self.word_shards: list[torch.Tensor] | None = None
-        self.copies: list[str] = []
+        # pending[pp][ep][tp][chunk] -> {name: tensor} received but not yet written (one message's worth).
+        self.pending: dict[int, list[list[list[dict[str, Any]]]]] = {}
         check_target(args.save_dir, args.overwrite)
         self.summary = Summary("saver_core_ext")
         self.manifest = Manifest(not getattr(args, "no_checksums", False))
         self.manifest.target = {"megatron_core": self.mcore.text, "chosen_by": self.mcore.source}
 
+    @property
+    def layout(self) -> PipelineLayout:
+        return self.plan.layout
+
     def _check_share(self) -> None:
-        """A worker writes legacy rank files, and needs every layer of the stages it owns."""
-        if self.torch_dist:
-            raise ConversionError("--ckpt-format torch_dist is written by one process; drop --workers / torchrun")
+        """A worker needs every layer of the stages it owns."""
         missing = sorted(set(layers_to_send(self.args, self.md) or ()) - self.sent)
         if missing:
             raise ConversionError(f"the loader did not send layers {missing[:5]} that worker {self.share.index} writes")
 
-    def _owns(self, pp_rank: int, ep_rank: int, tp_rank: int) -> bool:
+    def _owns(self, rank: tuple[int, int, int]) -> bool:
+        pp_rank, ep_rank, tp_rank = rank
         return self.share is None or self.share.owns(pp_rank, ep_rank, tp_rank, (self.tp, self.pp, self.ep))
-
-    def _target_mcore(self) -> mcore_version.Target:
-        """The megatron-core release whose names the files carry. torch_dist keys are the same in every
-        release, but are looked up by the names of the megatron-core that writes them (imported here)."""
-        if self.torch_dist:
-            from megatron.core import package_info
-
-            return mcore_version.Target(mcore_version.parse(package_info.__version__), "megatron-core writing torch_dist")
-        return mcore_version.resolve(getattr(self.args, "target_mcore_version", None), getattr(self.args, "megatron_path", None))
-
-    def _check_torch_dist(self, noop: list[int]) -> None:
-        """torch_dist is megatron-core's format: its names, no MindSpeed-only layouts."""
-        a = self.args
-        for flag, used in (("--naming mindspeed", getattr(a, "naming", "megatron-core") == "mindspeed"),
-                           ("--noop-layers", bool(noop)), ("--schedules-method dualpipev", getattr(a, "schedules_method", None) == "dualpipev"),
-                           ("--moe-grouped-gemm", bool(getattr(a, "moe_grouped_gemm", False))),
-                           ("--qlora-nf4", bool(getattr(a, "qlora_nf4", False)))):
-            if used:
-                raise ConversionError(f"--ckpt-format torch_dist cannot be combined with {flag} (use --ckpt-format torch)")
 
     def _check_divisibility(self) -> None:
         md, (tp, _, _) = self.md, self.target
@@ -191,7 +154,7 @@ class McoreSaver:
 
     def _check_profile(self, dualpipev: bool) -> None:
         """The seeds' exclusions between MindSpeed-LLM options."""
-        mindspeed = self.naming == "mindspeed"
+        mindspeed = self.naming == MINDSPEED
         if (self.mm_split or self.tp_extend) and not mindspeed:
             raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
         if self.mm_split and not getattr(self.md, "multi_latent_attention", False):
@@ -205,37 +168,28 @@ class McoreSaver:
         if mindspeed and dualpipev and self.tp > 1 and not self.tp_extend:
             raise ConversionError("--schedules-method dualpipev with TP > 1 needs --moe-tp-extend-ep (MindSpeed-LLM)")
 
-    def _slots(self, seg: Segment, ep_ranks: Iterable[int]) -> list[list[dict[str, torch.Tensor]]]:
-        """For each EP rank asked, the per-TP-rank dicts of one chunk."""
-        if seg.pp_rank not in self.state:
+    def _slots(self, seg: Segment, ep_rank: int) -> list[dict[str, Any]]:
+        """The per-TP-rank dicts of one chunk of one EP rank."""
+        if seg.pp_rank not in self.pending:
             chunks = len(self.layout.rank_segments(seg.pp_rank))
-            self.state[seg.pp_rank] = [[[{} for _ in range(chunks)] for _ in range(self.tp)] for _ in range(self.ep)]
-        return [[chunks[seg.chunk] for chunks in self.state[seg.pp_rank][e]] for e in ep_ranks]
+            self.pending[seg.pp_rank] = [[[{} for _ in range(chunks)] for _ in range(self.tp)] for _ in range(self.ep)]
+        return [chunks[seg.chunk] for chunks in self.pending[seg.pp_rank][ep_rank]]
 
-    def _place(self, params: Iterable[Param], msg: dict[str, Any], seg: Segment, prefix: str = "",
-               ep_ranks: Iterable[int] | None = None, only_tp: int | None = None, **fmt: int) -> None:
-        """Pop each parameter's keys from `msg`, split for TP and store in every EP rank asked;
-        with `only_tp`, store the unsplit tensor in that TP rank only (--moe-tp-extend-ep)."""
-        targets = self._slots(seg, range(self.ep) if ep_ranks is None else ep_ranks)
-        for param in params:
-            if not param.applies(self.md):
-                continue
+    def _place(self, group: Group, msg: dict[str, Any], seg: Segment) -> None:
+        """Pop each parameter's keys from `msg`, split for TP, and store in every EP rank."""
+        for param in group.params:
             values = [P.take(msg, k) for k in param.keys]
             dtype = torch.float32 if param.fp32 else self.dtype
-            shards = [s.to(dtype) for s in self._split(values, param, 1 if only_tp is not None else self.tp)]
-            name = prefix + param.name.format(**fmt)
-            for per_tp in targets:
-                if only_tp is not None:
-                    per_tp[only_tp][name] = shards[0]
-                    continue
-                for tp_rank, shard in enumerate(shards):
-                    per_tp[tp_rank][name] = shard
+            shards = [s.to(dtype) for s in self._split(values, param)]
+            for ep_rank in range(self.ep):
+                for per_tp, shard in zip(self._slots(seg, ep_rank), shards):
+                    per_tp[group.prefix + param.name] = shard
 
-    def _split(self, values: list[torch.Tensor], param: Param, tp: int) -> list[torch.Tensor]:
+    def _split(self, values: list[torch.Tensor], param: Param) -> list[torch.Tensor]:
         if param.rule == VOCAB:
-            return split(self._pad_vocab(values[0]), COLUMN, tp, param.name)
+            return split(self._pad_vocab(values[0]), COLUMN, self.tp, param.name)
         full = values[0] if len(values) == 1 else tuple(values)
-        return split(full, param.rule, tp, param.name, joined=True)
+        return split(full, param.rule, self.tp, param.name, joined=True)
 
     def _pad_vocab(self, table: torch.Tensor) -> torch.Tensor:
         if self.true_vocab is None:
@@ -245,100 +199,54 @@ class McoreSaver:
         return pad_vocab(table, self.padded_vocab)
 
     def _receive_experts(self, reader: P.MessageReader, message: str, seg: Segment, prefix: str) -> None:
-        """Routed experts arrive in one or more messages; expert e goes to EP rank e // (E / EP)."""
-        per_rank = self.num_experts // self.ep
-        per_bucket = self.num_experts // (self.ep * self.tp)
-        table = expert_params(self.impl, self.grouped)
+        """Routed experts arrive in one or more messages, each stacked [n, ...]; each goes to its plan slot."""
         tp = 1 if self.tp_extend else self.tp
         for first, msg in P.receive_experts(reader, message, self.md):
             stacked = {k: msg.pop(k).to(self.dtype) for k in (P.FC1_GATE_W, P.FC1_UP_W, P.FC2_W)}
             shards = {param.name: split_stacked(stacked[param.keys[0]] if len(param.keys) == 1 else
                                                 tuple(stacked[k] for k in param.keys), param.rule, tp, param.name, joined=True)
-                      for param in table}
+                      for param in self.plan.expert_params}
             del stacked
-            for offset in range(shards[table[0].name][0].shape[0]):
-                expert = first + offset
-                if self.tp_extend:  # bucket b = ep * TP + tp holds whole experts
-                    ep_rank, tp_rank = divmod(expert // per_bucket, self.tp)
-                    local, ranks = expert % per_bucket, [tp_rank]
-                else:
-                    ep_rank, local, ranks = expert // per_rank, expert % per_rank, list(range(self.tp))
-                per_tp = self._slots(seg, [ep_rank])[0]
+            for offset in range(shards[self.plan.expert_params[0].name][0].shape[0]):
+                slot = self.plan.expert_slot(first + offset)
+                per_tp = self._slots(seg, slot.ep_rank)
+                tp_ranks = range(self.tp) if slot.tp_rank is None else [slot.tp_rank]
                 for name, per_rank_shards in shards.items():
-                    for shard_index, tp_rank in enumerate(ranks):
-                        per_tp[tp_rank][prefix + name.format(expert=local)] = per_rank_shards[shard_index][offset]
+                    for shard, tp_rank in zip(per_rank_shards, tp_ranks):
+                        per_tp[tp_rank][prefix + name.format(expert=slot.local)] = shard[offset]
 
-    def _receive_layer(self, reader: P.MessageReader, message: str, layer: int, seg: Segment, prefix: str,
-                       extra: tuple[Param, ...] = (), extra_prefix: str = "") -> None:
-        msg = reader.get(message)
-        moe = P.is_moe_layer(self.md, layer)
-        P.check_shapes(msg, P.mtp_shapes(self.md) if extra else P.layer_shapes(self.md, layer), message)
-        if extra:
-            self._place(extra, msg, seg, extra_prefix)
-        self._place(layer_params(self.impl, self.md, moe, self.naming == "mindspeed"), msg, seg, prefix)
+    def _receive(self, reader: P.MessageReader, placement: Placement) -> None:
+        """One message (and its experts) into the pending chunks of its segment."""
+        md, seg = self.md, placement.segment
+        msg = reader.get(placement.message)
+        if placement.message == P.EMBEDDINGS:
+            word = msg[P.WORD_EMB]
+            if word.dim() != 2 or word.shape[1] != md.hidden_size:
+                raise ConversionError(f"embeddings: word embeddings have shape {list(word.shape)}, hidden size is {md.hidden_size}")
+        elif placement.layer is not None:
+            mtp = placement.layer >= md.num_layers
+            P.check_shapes(msg, P.mtp_shapes(md) if mtp else P.layer_shapes(md, placement.layer), placement.message)
+        elif placement.message == P.FINAL_NORM:
+            P.check_shapes(msg, P.global_shapes(md, 0)[P.FINAL_NORM], P.FINAL_NORM)
+        for group in placement.groups:
+            self._place(group, msg, seg)
         reader.finish(msg)
-        if moe:
-            self._receive_experts(reader, message, seg, prefix)
+        if placement.experts is not None:
+            self._receive_experts(reader, placement.message, seg, placement.experts)
 
-    def _rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """The target profile's names and packing; each rewrite works within one layer. Shards stay
-        views and `Joined` pairs (copied once, into the rank file's buffer) unless a rewrite computes."""
-        if self.naming == "mindspeed" or self.grouped or getattr(self.args, "qlora_nf4", False):
-            chunk = {name: materialize(value) for name, value in chunk.items()}
-        if self.naming == "mindspeed":
-            chunk = to_mindspeed(chunk, self.md, self.grouped, self.mm_split)
-        elif self.grouped and self.impl == "local":
-            chunk = group_experts(chunk)
-        if getattr(self.args, "qlora_nf4", False):
-            chunk = quantize_nf4(chunk)
-        return chunk
-
-    def _flush(self, pp_rank: int, root: Path) -> None:
-        """Write what a pipeline rank has received into its rank files and drop it from memory."""
-        if self.torch_dist:
-            if self.dist_writer is None:
-                from .torch_dist import TorchDistWriter
-
-                self.dist_writer = TorchDistWriter(self._args_namespace(), self.md.iteration, root)
-            for chunk in self.state.get(pp_rank, [[[{}]]])[0][0]:
-                self.manifest.tensors.setdefault(root.name, {}).update(describe(chunk))
-                for name, tensor in chunk.items():
-                    self.dist_writer.add(name, materialize(tensor).contiguous())
-                chunk.clear()
-            return
-        for ep_rank, per_tp in enumerate(self.state.get(pp_rank, [])):
+    def _flush(self, pp_rank: int) -> None:
+        """Hand what a pipeline rank has received to the writer and drop it from memory."""
+        for ep_rank, per_tp in enumerate(self.pending.get(pp_rank, [])):
             for tp_rank, chunks in enumerate(per_tp):
                 for index, chunk in enumerate(chunks):
-                    if not chunk or not self._owns(pp_rank, ep_rank, tp_rank):
+                    if chunk:
+                        self.writer.write((pp_rank, ep_rank, tp_rank), index, len(chunks), chunk)
                         chunk.clear()
-                        continue
-                    key = (pp_rank, ep_rank, tp_rank)
-                    if key not in self.writers:
-                        path = root / rank_dir_name(tp_rank, pp_rank, ep_rank, self.pp, self.ep) / "model_optim_rng.pt"
-                        self.writers[key] = RankFileWriter(path, len(chunks), self.manifest.checksums)
-                    for name, tensor in self._rewrite(chunk).items():
-                        self.writers[key].add(index, name, tensor)
-                    self.writers[key].park()
-                    chunk.clear()
 
-    def _write_rank(self, pp_rank: int, root: Path) -> None:
-        """Flush and close every rank file of one pipeline rank."""
-        self._flush(pp_rank, root)
-        self.state.pop(pp_rank, None)
-        if self.torch_dist:
-            return
-        for key in sorted(k for k in self.writers if k[0] == pp_rank):
-            writer = self.writers.pop(key)
-            self.summary.add_file(writer.close(self._args_namespace(), self.md.iteration))
-            self.manifest.record(str(writer.path.relative_to(root.parent)), writer.described())
-            self.manifest.checksum_from(writer.path, writer.finished)
-
-    def write_torch_dist(self, root: Path) -> None:
-        """Finish the torch_dist checkpoint (see torch_dist.TorchDistWriter)."""
-        self.dist_writer.close()
-        for f in root.rglob("*"):
-            if f.is_file():
-                self.summary.add_file(f.stat().st_size)
+    def _close_stage(self, pp_rank: int) -> None:
+        self._flush(pp_rank)
+        self.pending.pop(pp_rank, None)
+        self.writer.close_stage(pp_rank)
 
     def _args_namespace(self) -> argparse.Namespace:
         tp, pp, ep = self.target
@@ -348,66 +256,44 @@ class McoreSaver:
                            layers_per_virtual_stage=self.args.num_layers_per_virtual_pipeline_stage,
                            schedules_method=getattr(self.args, "schedules_method", None), naming=self.naming,
                            moe_grouped_gemm=self.grouped, moe_tp_extend_ep=self.tp_extend, mla_mm_split=self.mm_split)
-        ns.ckpt_format = "torch_dist" if self.torch_dist else "torch"
+        ns.ckpt_format = self.format.name
         ns.target_mcore_version = self.mcore.text
         return ns
 
     def receive(self, reader: P.MessageReader, root: Path) -> None:
-        """Every message into rank files under `root`. On failure the open files are abandoned: a file
-        caught between two records would otherwise keep a shared write buffer for the life of the
-        process (an in-process conversion runs on after a failed one) and its descriptor open."""
+        """Every message into rank files under `root`, written as each layer arrives; a stage's files
+        are closed after its last layer. On failure the open files are abandoned."""
+        self.writer = self.format(root, (self.tp, self.pp, self.ep), self._args_namespace, self.md.iteration, self.md,
+                                  self.profile, self._owns, self.manifest, self.summary)
         try:
-            self._receive(reader, root)
+            self._receive_all(reader)
         except BaseException:
-            for writer in self.writers.values():
-                writer.abandon()
+            self.writer.abandon()
             raise
 
-    def _receive(self, reader: P.MessageReader, root: Path) -> None:
-        md, first, last = self.md, self.first, self.last
-        msg = reader.get(P.EMBEDDINGS)
-        word = msg[P.WORD_EMB]
-        if word.dim() != 2 or word.shape[1] != md.hidden_size:
-            raise ConversionError(f"embeddings: word embeddings have shape {list(word.shape)}, hidden size is {md.hidden_size}")
-        self._place(EMBEDDING_PARAMS, msg, first)
-        reader.finish(msg)
-        # The last stage needs its own copy of the embeddings for a tied output layer or for MTP.
-        self.copies = [n for n, needed in (("output_layer.weight", not md.output_layer),
-                                           ("embedding.word_embeddings.weight", self.mtp_layers > 0)) if needed]
-        if self.layout.split_ends() and self.copies:
-            self.word_shards = [t["embedding.word_embeddings.weight"] for t in self._slots(first, [0])[0]]
-        self._flush(first.pp_rank, root)
-
-        layers = [layer for layer in range(md.num_layers) if layer in self.sent]
-        for layer in progress(layers, len(layers), "saver_core_ext"):
-            seg, local = self.layout.locate_real(layer)
-            self._receive_layer(reader, P.layer_message(layer), layer, seg, LAYER_PREFIX.format(layer=local))
-            if seg.pp_rank != last.pp_rank and layer == self.last_layer[seg.pp_rank]:
-                self._write_rank(seg.pp_rank, root)
+    def _receive_all(self, reader: P.MessageReader) -> None:
+        plan, md = self.plan, self.md
+        stage_end = {self.layout.last_layer_of_rank(r): r for r in range(self.pp) if r != plan.last.pp_rank}
+        tied_after = P.OUTPUT_LAYER if md.output_layer else P.FINAL_NORM
+        word: list[torch.Tensor] = []  # the word embeddings' TP shards, for the last stage's tied copies
+        placements = list(plan.placements(self.sent))
+        for placement in progress(placements, len(placements), "saver_core_ext"):
+            self._receive(reader, placement)
+            if placement.message == P.EMBEDDINGS:
+                word = [t[WORD_EMBEDDINGS] for t in self._slots(placement.segment, 0)]
+            elif placement.message == tied_after and plan.tied_copies():
+                for ep_rank in range(self.ep):
+                    for per_tp, shard in zip(self._slots(plan.last, ep_rank), word):
+                        per_tp.update(dict.fromkeys(plan.tied_copies(), shard))
+            if placement.layer is not None and stage_end.get(placement.layer) == placement.segment.pp_rank:
+                self._close_stage(placement.segment.pp_rank)
             else:
-                self._flush(seg.pp_rank, root)
-
-        msg = reader.get(P.FINAL_NORM)
-        P.check_shapes(msg, P.global_shapes(md, 0)[P.FINAL_NORM], P.FINAL_NORM)
-        self._place(FINAL_NORM_PARAMS, msg, last)
-        reader.finish(msg)
-        if md.output_layer:
-            msg = reader.get(P.OUTPUT_LAYER)
-            self._place(OUTPUT_PARAMS, msg, last)
-            reader.finish(msg)
-        if self.word_shards is not None:
-            for per_tp in self._slots(last, range(self.ep)):
-                for tp_rank, shard in enumerate(self.word_shards):
-                    per_tp[tp_rank].update(dict.fromkeys(self.copies, shard))
-        for k in (k for k in range(self.mtp_layers) if md.num_layers + k in self.sent):
-            self._receive_layer(reader, P.mtp_message(k), md.num_layers + k, last,
-                                MTP_LAYER_PREFIX.format(index=k, submodule=self.mtp_submodule), MTP_PARAMS, MTP_PREFIX.format(index=k))
+                self._flush(placement.segment.pp_rank)
         self.optimizer = optimizer_state.receive_message(P.receive_end(reader), reader)
-        self._write_rank(last.pp_rank, root)
-        for rank in sorted(self.state):
-            self._write_rank(rank, root)
-        if self.torch_dist:
-            self.write_torch_dist(root)
+        self._close_stage(plan.last.pp_rank)
+        for rank in sorted(self.pending):
+            self._close_stage(rank)
+        self.writer.close()
         self.manifest.wait_for_files()  # the rank files are written in the background: complete before anything else
 
 
@@ -432,9 +318,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             saver.manifest.write(staged.path)
             target = staged.commit()
     saver.summary.notes.append(
-        (f"torch_dist (layout free; args say TP{saver.target[0]} PP{saver.target[1]} EP{saver.target[2]}) " if saver.torch_dist else
-         f"{saver.naming} TP{saver.tp} PP{saver.pp} EP{saver.ep} chunks/rank {saver.layout.num_chunks} "
-         f"layers/stage {saver.layout.layers_per_stage()} ") + f"impl {saver.impl} "
+        saver.format.describe(saver.target, saver.layout, saver.naming) + f" impl {saver.impl} "
         f"dtype {str(saver.dtype).removeprefix('torch.')} padded vocab {saver.padded_vocab}"
     )
     saver.summary.notes.append(f"names of megatron-core {saver.mcore.text} ({saver.mcore.source})")

@@ -99,14 +99,21 @@ def _ddp_config(args: argparse.Namespace, num_parameters: int) -> Any:
 
 
 def _layout_worker(_: int, args: argparse.Namespace, dp: int, out_file: str) -> None:
+    """A child process (megatron-core's parallel state is process-wide) on megatron-core's CPU shim."""
+    from .mcore_model import on_cpu
+
+    warnings.filterwarnings("ignore")
+    with on_cpu():
+        _write_layouts(args, dp, out_file)
+
+
+def _write_layouts(args: argparse.Namespace, dp: int, out_file: str) -> None:
     import dataclasses
 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from .mcore_runner import _config, _layout_list, _patch_cpu, build_model, stage_layout
+    from .mcore_model import build_model, layout_names, stage_layout, transformer_config
 
-    warnings.filterwarnings("ignore")
-    _patch_cpu()
     torch.cuda.current_device = lambda: torch.device("meta")  # type: ignore[assignment]  # DDP buffers on meta
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel
@@ -123,7 +130,7 @@ def _layout_worker(_: int, args: argparse.Namespace, dp: int, out_file: str) -> 
                                      expert_model_parallel_size=ep, create_gloo_process_groups=False)
         key = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
         if key not in layouts:
-            config = _config(args, _layout_list(args))
+            config = transformer_config(args, layout_names(args))
             # perform_initialization: megatron-core sets the TP attributes (tensor_model_parallel,
             # partition_dim) only while initializing; on meta it costs nothing.
             config = dataclasses.replace(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
@@ -514,8 +521,8 @@ def save_with(saver: Any, root: Path) -> None:
     saver.optimizer = None
     if saver.share is not None:
         raise ConversionError("the optimizer state is written by a single-process conversion: drop --workers (or torchrun)")
-    if saver.torch_dist:
-        _note("optimizer state not written: the torch_dist output carries weights only (use --ckpt-format torch)")
+    if not saver.format.carries_optimizer:
+        _note(f"optimizer state not written: the {saver.format.name} output carries weights only (use --ckpt-format torch)")
         return
     if getattr(args, "no_save_optim", False):
         _note("optimizer state not written (--no-save-optim)")

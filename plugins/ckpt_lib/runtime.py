@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import sys
 import time
 import traceback
@@ -16,14 +15,14 @@ from typing import Any, TypeVar
 import torch
 
 from . import safetensors_io
-from .errors import ConversionError
+from .errors import ConversionError, debug
 from .protocol import EXIT, LoaderExited
 
 T = TypeVar("T")
 
 
 def _fail(role: str, error: BaseException) -> None:
-    if os.environ.get("CKPT_DEBUG"):
+    if debug():
         traceback.print_exception(error)
     print(f"error: {role}: {error}", file=sys.stderr, flush=True)
 
@@ -109,9 +108,10 @@ def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     """Run a loader; on failure tell the saver ("exit") and exit non-zero with one clear line."""
     settle_process()
     paced = PacedQueue(queue)
-    safetensors_io.POOL = _shared_pool(paced)
+    pool = _shared_pool(paced)
     try:
-        body(paced, args)
+        with safetensors_io.pooled(pool):
+            body(paced, args)
     except (ConversionError, OSError) as e:
         _fail("loader", e)
         queue.put(EXIT)
@@ -120,9 +120,8 @@ def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
         queue.put(EXIT)
         raise
     finally:
-        pool, safetensors_io.POOL = safetensors_io.POOL, None
         if pool is not None:
-            if os.environ.get("CKPT_DEBUG"):
+            if debug():
                 print(f"loader: {pool.reused} reads into reused shared memory", file=sys.stderr, flush=True)
             pool.close()  # the saver's mappings stay valid; idle buffers are freed
 

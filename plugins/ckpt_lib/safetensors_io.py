@@ -9,11 +9,12 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def empty_shared(shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * dtype.itemsize
     if nbytes < SHARED_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
-    storage = POOL.storage(nbytes) if POOL is not None else torch.UntypedStorage._new_shared(nbytes)
+    storage = _pool.storage(nbytes) if _pool is not None else torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
@@ -131,7 +132,19 @@ def _mapped_inodes(pid: int) -> set[int] | None:
         return None
 
 
-POOL: SharedPool | None = None  # the loader's, set by runtime.run_loader under a driver that names the saver
+_pool: SharedPool | None = None  # the running loader's (see `pooled`)
+
+
+@contextlib.contextmanager
+def pooled(pool: SharedPool | None) -> Iterator[None]:
+    """Take `empty_shared`'s pages from `pool` while a loader runs (runtime.run_loader, under a driver
+    that names the saver's process); fresh shared memory otherwise."""
+    global _pool
+    previous, _pool = _pool, pool
+    try:
+        yield
+    finally:
+        _pool = previous
 
 
 class SafetensorsFile:

@@ -48,12 +48,11 @@ def _quiet() -> None:
 def megatron_session() -> Iterator[None]:
     """A one-process model-parallel world (TP = PP = EP = 1) for building meta models and for
     dist_checkpointing, which needs torch.distributed even for one writer."""
-    from . import mcore_runner
-
-    mcore_runner._patch_cpu()
     from megatron.core import parallel_state as ps
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from .mcore_model import on_cpu
+
+    with on_cpu(), tempfile.TemporaryDirectory() as tmp:
         store = torch.distributed.FileStore(str(Path(tmp) / "store"), 1)
         torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
         try:
@@ -75,12 +74,12 @@ def single_rank_args(ns: argparse.Namespace) -> argparse.Namespace:
 
 def template(ns: argparse.Namespace) -> dict[str, Any]:
     """megatron-core's sharded state dict of the whole model, on the meta device."""
-    from . import mcore_runner
+    from .mcore_model import build_model, transformer_config
 
     one = single_rank_args(ns)
-    config = mcore_runner._config(one, None)
+    config = transformer_config(one, None)
     with torch.device("meta"):
-        model = mcore_runner.build_model(one, config, 0, 1, None)
+        model = build_model(one, config, 0, 1, None)
     return model.sharded_state_dict()
 
 

@@ -1,8 +1,5 @@
-"""Compare two checkpoints of any supported formats by their protocol streams (`verify.py`, `mcore-verify`).
-
-    python verify.py --source ./Qwen3-8B --converted ./qwen3-mcore [--atol 0]
-
-Exit status 0 when every tensor agrees within --atol (default: bit-exact), 1 otherwise, 2 on bad input.
+"""Compare two checkpoints of any supported formats by their protocol streams (`convert.py --verify`,
+and the weights part of `verify.py` / `mcore-verify`, whose command line is `ckpt_verify.cli`).
 
 Each side is read by its loader, exactly as a conversion would (so sharding is undone the same way),
 and the two message streams are compared key by key: missing or extra messages and keys, shapes,
@@ -15,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import queue
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -148,10 +144,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-args", default="", help="Extra loader flags for --source, e.g. '--mtp-num-layers 1'")
     parser.add_argument("--converted-args", default="", help="Extra loader flags for --converted")
     parser.add_argument("--atol", type=float, default=0.0, help="Largest accepted abs difference (default 0: bit-exact)")
-    parser.add_argument("--logits", action="store_true",
-                        help="Also run both sides (transformers for the HF side, megatron-core on CPU for the Megatron side) "
-                             "on random token sequences and compare logits (small models; needs megatron-core and transformers)")
-    parser.add_argument("--logits-atol", type=float, default=1e-4, help="Largest accepted logits difference (fp32)")
 
 
 def check_manifest(directory: Path, report: Any = print) -> bool:
@@ -165,26 +157,6 @@ def check_manifest(directory: Path, report: Any = print) -> bool:
     if not problems:
         report(f"manifest: {directory / manifest.NAME} agrees with every file")
     return not problems
-
-
-def compare_logits(hf_dir: Path, mcore_dir: Path, atol: float, report: Any = print) -> bool:
-    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side."""
-    from transformers import AutoModelForCausalLM
-
-    from .mcore_runner import mcore_logits
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = model(tokens).logits.float()
-    ours = mcore_logits(mcore_dir, tokens)[..., :vocab]
-    diff = (ours - reference).abs()
-    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    ok = diff.max().item() <= atol
-    report(f"{'PASS' if ok else 'FAIL'} logits: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, "
-           f"top-1 agreement {top1:.1%} (tolerance {atol:g}, fp32, 2 x 16 tokens)")
-    return ok
 
 
 def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None) -> bool:
@@ -205,21 +177,5 @@ def run(args: argparse.Namespace, source_args: argparse.Namespace | None = None)
                 stream.queue.get(timeout=0.1)
             except queue.Empty:
                 pass
-    if getattr(args, "logits", False):
-        sides = {detect_loader(d): d for d in (args.source, args.converted)}
-        hf_dir = sides.get("hf") or sides.get("hf_deepseek3")
-        if hf_dir is None or "core_ext" not in sides:
-            raise ConversionError("--logits compares an HF directory with a Megatron checkpoint")
-        ok = compare_logits(hf_dir, sides["core_ext"], args.logits_atol) and ok
     return ok
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args()
-    try:
-        return 0 if run(args) else 1
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
