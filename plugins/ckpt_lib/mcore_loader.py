@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import optimizer_state, rope_scaling
+from . import megatron, optimizer_state
 from . import protocol as P
 from .errors import ConversionError
 from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, merge, split_adapters, split_fused_down
@@ -32,10 +32,7 @@ from .shares import layers_to_send
 from .torch_dist import is_torch_dist
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
-MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
-MOE_FIELDS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups",
-              "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_score_function",
-              "moe_router_enable_expert_bias", "moe_router_pre_softmax")
+
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -117,68 +114,6 @@ def detect_layout(files: RankFiles, a: argparse.Namespace) -> PipelineLayout:
     return layout_from_counts(counts, files.pp)
 
 
-def metadata_from_args(a: argparse.Namespace, files: RankFiles, iteration: int | str, word: torch.Tensor,
-                       true_vocab_size: int | None) -> argparse.Namespace:
-    """Protocol metadata from a checkpoint's `args`; missing optional fields get Megatron defaults."""
-    def need(name: str) -> Any:
-        if not hasattr(a, name):
-            raise ConversionError(f"checkpoint args lack '{name}'")
-        return getattr(a, name)
-
-    heads = need("num_attention_heads")
-    mla = bool(getattr(a, "multi_latent_attention", False))
-    groups = getattr(a, "num_query_groups", None) if getattr(a, "group_query_attention", False) else heads
-    params_dtype = getattr(a, "params_dtype", None) or word.dtype
-    md = P.make_metadata(
-        model_type="GPT",
-        num_layers=need("num_layers"),
-        hidden_size=need("hidden_size"),
-        ffn_hidden_size=getattr(a, "ffn_hidden_size", None) or 4 * a.hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=groups or heads,
-        kv_channels=getattr(a, "kv_channels", None) or a.hidden_size // heads,
-        seq_length=getattr(a, "seq_length", None),
-        max_position_embeddings=getattr(a, "max_position_embeddings", None),
-        tokenizer_type=getattr(a, "tokenizer_type", None),
-        iteration=iteration,
-        params_dtype=params_dtype,
-        bert_binary_head=False,
-        output_layer=bool(getattr(a, "untie_embeddings_and_output_weights", False)),
-        position_embedding_type=getattr(a, "position_embedding_type", "learned_absolute"),
-        linear_bias=bool(getattr(a, "add_bias_linear", True)),
-        qkv_bias=bool(getattr(a, "add_qkv_bias", False)) or bool(getattr(a, "add_bias_linear", True)),
-        norm_has_bias=getattr(a, "normalization", "LayerNorm") == "LayerNorm",
-        swiglu=bool(getattr(a, "swiglu", False)),
-        true_vocab_size=true_vocab_size or getattr(a, "true_vocab_size", None),
-        vocab_size=getattr(a, "vocab_size", None),
-        make_vocab_size_divisible_by=getattr(a, "make_vocab_size_divisible_by", 128),
-        num_experts=getattr(a, "num_experts", None),
-        previous_tensor_parallel_size=files.tp,
-        previous_pipeline_parallel_size=files.pp,
-        consumed_train_samples=getattr(a, "consumed_train_samples", 0),
-        consumed_valid_samples=getattr(a, "consumed_valid_samples", 0),
-        normalization=getattr(a, "normalization", "LayerNorm"),
-        norm_epsilon=getattr(a, "norm_epsilon", 1e-5),
-        rotary_base=getattr(a, "rotary_base", 10000),
-        qk_layernorm=bool(getattr(a, "qk_layernorm", False)) and not mla,
-        hf_config=getattr(a, "hf_config", None),
-    )
-    md.mtp_num_layers = getattr(a, "mtp_num_layers", None) or 0
-    if mla:
-        md.multi_latent_attention = True
-        for field in MLA_FIELDS:
-            setattr(md, field, need(field))
-        md.rope_scaling = rope_scaling.from_args(a)
-    if md.num_experts:
-        freq = getattr(a, "moe_layer_freq", None)
-        md.first_k_dense_replace = getattr(a, "first_k_dense_replace", None)
-        if md.first_k_dense_replace is None:
-            md.first_k_dense_replace = freq.index(1) if isinstance(freq, list) and 1 in freq else 0
-        for field in MOE_FIELDS:
-            setattr(md, field, getattr(a, field, None))
-    return P.normalize_metadata(md)
-
-
 class McoreLoader:
     def __init__(self, args: argparse.Namespace) -> None:
         iteration_dir, self.iteration = find_iteration_dir(Path(args.load_dir))
@@ -211,7 +146,7 @@ class McoreLoader:
         word = f.chunks(0, 0)[0].get("embedding.word_embeddings.weight")
         if word is None and not self.export:
             raise ConversionError(f"{f.grid[(0, 0, 0)]}: no embedding.word_embeddings.weight")
-        self.md = md = metadata_from_args(first["args"], f, self.iteration, word, args.true_vocab_size)
+        self.md = md = megatron.metadata_from_args(first["args"], (f.tp, f.pp), self.iteration, word, args.true_vocab_size)
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
         md.num_layers = len(self.layout.real_layers)  # protocol numbering: noop layers skipped
         if self.layout.num_layers != first["args"].num_layers:

@@ -146,3 +146,21 @@ class RankFilePlan:
         if (pp_rank, chunk) == (self.last.pp_rank, self.last.chunk):
             names.update(self.tied_copies())
         return names
+
+
+def check_divisible(md: argparse.Namespace, tp: int, pp: int, ep: int) -> None:
+    """The target sizes split every dimension they split (`pp` is checked by the pipeline layout)."""
+    experts = md.num_experts or 0
+    sizes = [("num_attention_heads", md.num_attention_heads), ("ffn_hidden_size", md.ffn_hidden_size)]
+    if not getattr(md, "multi_latent_attention", False):
+        sizes.append(("num_query_groups", md.num_query_groups))
+    if experts:
+        sizes += [("moe_ffn_hidden_size", md.moe_ffn_hidden_size),
+                  ("moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size)]
+    for what, size in sizes:
+        if size is not None and size % tp:  # None: no shared expert
+            raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")
+    if ep > 1 and not experts:
+        raise ConversionError("--target-expert-parallel-size > 1 needs a model with experts")
+    if experts % ep:
+        raise ConversionError(f"--target-expert-parallel-size {ep} does not divide the {experts} experts")

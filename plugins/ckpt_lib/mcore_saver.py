@@ -19,9 +19,10 @@ from . import protocol as P
 from .errors import ConversionError
 from .manifest import Manifest
 from .mcore_names import VOCAB, Param
-from .mcore_plan import WORD_EMBEDDINGS, Group, Placement, RankFilePlan
+from .mcore_plan import WORD_EMBEDDINGS, Group, Placement, RankFilePlan, check_divisible
 from .mcore_writers import FORMATS
-from .megatron_io import iteration_dir_name, megatron_args, write_tracker
+from .megatron import megatron_args
+from .megatron_io import iteration_dir_name, write_tracker
 from .naming_profile import MEGATRON_CORE, MINDSPEED, NamingProfile
 from .pipeline import PipelineLayout, Segment, parse_layer_list
 from .runtime import Summary, progress
@@ -99,13 +100,14 @@ class McoreSaver:
         self.tp_extend = bool(getattr(args, "moe_tp_extend_ep", False))
         self.mm_split = bool(getattr(args, "mla_mm_split", False))
         self.impl = "local" if self.naming == MINDSPEED else self.format.impl(args.saver_transformer_impl)
-        self.profile = NamingProfile(self.naming, self.impl, self.grouped, self.mm_split, bool(getattr(args, "qlora_nf4", False)))
+        self.profile = NamingProfile(self.naming, self.impl, self.grouped, self.mm_split, bool(getattr(args, "qlora_nf4", False)),
+                                     self.tp_extend)
         self.mcore = self.format.mcore_target(args)
         rope_scaling.check_target(md, self.mcore.version)
-        self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
+        self.profile.check(md, self.tp, self.ep, getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"
-        self._check_divisibility()
+        check_divisible(md, *self.target)
         # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
         mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == MINDSPEED else self.mcore.mtp_submodule
         self.plan = RankFilePlan(md, layout, self.tp, self.ep, self.impl, whole_mla_down=self.naming == MINDSPEED,
@@ -134,39 +136,6 @@ class McoreSaver:
     def _owns(self, rank: tuple[int, int, int]) -> bool:
         pp_rank, ep_rank, tp_rank = rank
         return self.share is None or self.share.owns(pp_rank, ep_rank, tp_rank, (self.tp, self.pp, self.ep))
-
-    def _check_divisibility(self) -> None:
-        md, (tp, _, _) = self.md, self.target
-        sizes = [("num_attention_heads", md.num_attention_heads), ("ffn_hidden_size", md.ffn_hidden_size)]
-        if not getattr(md, "multi_latent_attention", False):
-            sizes.append(("num_query_groups", md.num_query_groups))
-        if self.num_experts:
-            sizes += [("moe_ffn_hidden_size", md.moe_ffn_hidden_size),
-                      ("moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size)]
-        for what, size in sizes:
-            if size is not None and size % tp:  # None: no shared expert
-                raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")
-        ep = self.target[2]
-        if ep > 1 and not self.num_experts:
-            raise ConversionError("--target-expert-parallel-size > 1 needs a model with experts")
-        if self.num_experts % ep:
-            raise ConversionError(f"--target-expert-parallel-size {ep} does not divide the {self.num_experts} experts")
-
-    def _check_profile(self, dualpipev: bool) -> None:
-        """The seeds' exclusions between MindSpeed-LLM options."""
-        mindspeed = self.naming == MINDSPEED
-        if (self.mm_split or self.tp_extend) and not mindspeed:
-            raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
-        if self.mm_split and not getattr(self.md, "multi_latent_attention", False):
-            raise ConversionError("--mla-mm-split needs an MLA model")
-        if self.tp_extend and not self.grouped:
-            raise ConversionError("--moe-tp-extend-ep needs --moe-grouped-gemm")
-        if (self.grouped or self.tp_extend) and not self.num_experts:
-            raise ConversionError("--moe-grouped-gemm / --moe-tp-extend-ep need a model with experts")
-        if self.tp_extend and self.num_experts % (self.ep * self.tp):
-            raise ConversionError(f"--moe-tp-extend-ep: EP x TP = {self.ep * self.tp} does not divide the {self.num_experts} experts")
-        if mindspeed and dualpipev and self.tp > 1 and not self.tp_extend:
-            raise ConversionError("--schedules-method dualpipev with TP > 1 needs --moe-tp-extend-ep (MindSpeed-LLM)")
 
     def _slots(self, seg: Segment, ep_rank: int) -> list[dict[str, Any]]:
         """The per-TP-rank dicts of one chunk of one EP rank."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConversionError
 from .mindspeed import from_mindspeed, group_experts, to_mindspeed
 from .qlora import dequantize_nf4, quantize_nf4
 from .sharding import materialize
@@ -28,11 +29,28 @@ class NamingProfile:
     grouped: bool = False  # --moe-grouped-gemm
     mm_split: bool = False  # --mla-mm-split (MindSpeed-LLM)
     nf4: bool = False  # --qlora-nf4
+    tp_extend: bool = False  # --moe-tp-extend-ep (MindSpeed-LLM): whole experts per TP rank
 
     @property
     def identity(self) -> bool:
         """Whether writing keeps megatron-core's names and values (what the optimizer-state layout assumes)."""
         return self.naming == MEGATRON_CORE and not self.grouped and not self.nf4
+
+    def check(self, md: Any, tp: int, ep: int, dualpipev: bool) -> None:
+        """The seeds' exclusions between MindSpeed-LLM options, for a model and target sizes."""
+        mindspeed, experts = self.naming == MINDSPEED, md.num_experts or 0
+        if (self.mm_split or self.tp_extend) and not mindspeed:
+            raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
+        if self.mm_split and not getattr(md, "multi_latent_attention", False):
+            raise ConversionError("--mla-mm-split needs an MLA model")
+        if self.tp_extend and not self.grouped:
+            raise ConversionError("--moe-tp-extend-ep needs --moe-grouped-gemm")
+        if (self.grouped or self.tp_extend) and not experts:
+            raise ConversionError("--moe-grouped-gemm / --moe-tp-extend-ep need a model with experts")
+        if self.tp_extend and experts % (ep * tp):
+            raise ConversionError(f"--moe-tp-extend-ep: EP x TP = {ep * tp} does not divide the {experts} experts")
+        if mindspeed and dualpipev and tp > 1 and not self.tp_extend:
+            raise ConversionError("--schedules-method dualpipev with TP > 1 needs --moe-tp-extend-ep (MindSpeed-LLM)")
 
     def write(self, chunk: dict[str, Any], md: Any) -> dict[str, Any]:
         """Spec names -> the files' names and packing. Shards stay views and `Joined` pairs (copied
