@@ -57,10 +57,14 @@ def help_options(text: str) -> set[str]:
     return found
 
 
-def script_options() -> dict[str, set[str]]:
-    """Each script's options from `python SCRIPT --help` (run side by side: verify.py imports torch)."""
-    runs = {s: subprocess.Popen([sys.executable, str(ROOT / s), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start_scripts() -> dict[str, subprocess.Popen]:
+    """`python SCRIPT --help` for each script, started side by side (verify.py imports torch)."""
+    return {s: subprocess.Popen([sys.executable, str(ROOT / s), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT) for s in SCRIPTS}
+
+
+def script_options(runs: dict[str, subprocess.Popen]) -> dict[str, set[str]]:
+    """Each script's options from its --help."""
     out = {}
     for script, proc in runs.items():
         stdout, stderr = proc.communicate(timeout=120)
@@ -114,9 +118,13 @@ def documented_options(lines: list[str]) -> dict[str, list[str]]:
 
 
 def test_options_page_matches_every_add_arguments():
+    runs = start_scripts()  # while this process imports the plugins
     page = sections(OPTIONS)
     problems: list[str] = []
-    plugins, scripts = plugin_modules(), script_options()
+    plugins = plugin_modules()
+    for name in plugins:
+        importlib.import_module(name)
+    scripts = script_options(runs)
     for stale in sorted(set(page) - set(plugins) - set(SCRIPTS)):
         problems.append(f"docs/options.md: remove the section `{stale}` (no such plugin module or script)")
     for name in [*plugins, *SCRIPTS]:
