@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_args, measure_conversion  # noqa: E402
 
-from ckpt_lib.safetensors_io import write_file  # noqa: E402
+from ckpt_lib.io.safetensors_io import write_file  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_attention_heads=8, q_lora_rank=384,
              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
