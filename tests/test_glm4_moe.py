@@ -109,24 +109,29 @@ def test_logits_match_transformers_and_round_trip(tmp_path, glm, layout):
     back_to_hf_is_exact(tmp_path / "mc", path, tmp_path / "back")
 
 
-def test_release_config_without_mtp_tensors(tmp_path):
-    """A config.json as GLM-4.5-Air's (no group limit, no q/k norm, RoPE settings at top level) without
-    partial_rotary_factor: transformers' default 0.5 applies; its MTP layer is named in config.json but absent,
-    as in any checkpoint transformers saved: converted without MTP, and config.json comes back unchanged."""
+@pytest.mark.parametrize("rotary", [None, 0.25], ids=["default_rotary", "top_level_rotary"])
+def test_release_config_without_mtp_tensors(tmp_path, rotary):
+    """config.json as GLM-4.5-Air's release writes it (RoPE settings at top level, no group limit, no q/k norm),
+    with partial_rotary_factor absent (transformers' default 0.5 applies) or at top level; its MTP layer named
+    in config.json but absent, as in any checkpoint transformers saved: converted without MTP, and config.json
+    comes back unchanged."""
     path = tmp_path / "hf"
-    make_glm(path, seed=2, mtp=False, n_group=1, topk_group=1, use_qk_norm=False)
+    make_glm(path, seed=2, mtp=False, n_group=1, topk_group=1, use_qk_norm=False, partial_rotary_factor=rotary or 0.5)
     cfg = config_of(path)
     cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    if rotary is not None:
+        cfg["partial_rotary_factor"] = rotary
     (path / "config.json").write_text(json.dumps(cfg))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert model.config.rope_parameters["partial_rotary_factor"] == (rotary or 0.5)
     convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *LOCAL)
     args, _ = read_args(tmp_path / "mc")
-    assert args.rotary_percent == 0.5 and args.moe_router_num_groups is None and not args.qk_layernorm and not args.mtp_num_layers
+    assert args.rotary_percent == (rotary or 0.5) and args.moe_router_num_groups is None and not args.qk_layernorm
+    assert not args.mtp_num_layers
     diff = (mcore_logits(tmp_path / "mc", TOKENS)[..., :100] - hf_logits(model, TOKENS)).abs().max().item()
-    print(f"GLM-4.5-Air-style config: logits max abs diff {diff:.2e}")
+    print(f"GLM-4.5-Air-style config, partial rotary {rotary or 0.5}: logits max abs diff {diff:.2e}")
     assert diff < 1e-4
     back_to_hf_is_exact(tmp_path / "mc", path, tmp_path / "back")
 
@@ -228,7 +233,8 @@ def test_config_rebuilt_from_args(tmp_path, glm, forget):
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=2.0)), [], "rope_type 'yarn'"),
     (dict(n_shared_experts=0), [], "n_shared_experts 0"),
     ({}, ["--mtp-num-layers", "2"], "--mtp-num-layers 2: the checkpoint holds 1 MTP layers"),
-], ids=["sigmoid_not_renormalised", "top1_renormalised", "group_ranking", "yarn", "no_shared_expert", "missing_mtp"])
+    (dict(tie_word_embeddings=True), [], "tie_word_embeddings true with MTP layers"),
+], ids=["sigmoid_not_renormalised", "top1_renormalised", "group_ranking", "yarn", "no_shared_expert", "missing_mtp", "tied_mtp"])
 def test_inexpressible_configs_are_refused(tmp_path, capsys, glm, overrides, flags, message):
     """One error line naming the field, nothing written."""
     _, _, path = glm
@@ -239,6 +245,28 @@ def test_inexpressible_configs_are_refused(tmp_path, capsys, glm, overrides, fla
         convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc", *flags)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "mc").exists()
+
+
+def test_reshard_keeps_partial_rotary_and_family(tmp_path, glm):
+    """mcore -> mcore carries rotary_percent and the HF family in args (then back to HF bit for bit)."""
+    _, _, path = glm
+    convert_inprocess("hf", "core_ext", path, tmp_path / "a", *LOCAL, *LAYOUTS["tp2ep2"])
+    convert_inprocess("core_ext", "core_ext", tmp_path / "a", tmp_path / "b", *LAYOUTS["pp2ep2"])
+    args, _ = read_args(tmp_path / "b")
+    assert (args.rotary_percent, args.hf_model_type, args.pipeline_model_parallel_size) == (0.5, "glm4_moe", 2)
+    back_to_hf_is_exact(tmp_path / "b", path, tmp_path / "back")
+
+
+def test_partial_rotary_refused_for_other_families(tmp_path, capsys):
+    """A dense checkpoint whose args say rotary_percent 0.5 has no HF config to say so: refused, not dropped."""
+    from util import make_hf_model
+
+    make_hf_model("llama", tmp_path / "hf")
+    convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc")
+    edit_args(tmp_path / "mc", rotary_percent=0.5)
+    with pytest.raises(SystemExit):
+        convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
+    assert "rotary_percent 0.5 (partial rotary) has no place" in capsys.readouterr().err
 
 
 def test_disagreeing_output_config_is_refused(tmp_path, capsys, glm):

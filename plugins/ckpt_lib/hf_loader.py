@@ -208,6 +208,8 @@ def glm4_moe_plan(source: SafetensorsSource, cfg: dict[str, Any], args: argparse
         check_copy(source, copy, original)
     if skipped:
         print(f"loader_hf: skipping the {len(skipped)} tensors of MTP layers {mtp}..{held - 1} (--mtp-num-layers {mtp})")
+    if held < named:
+        print(f"loader_hf: config.json names {named} MTP layers, the checkpoint holds {held} (transformers saves none)")
     return md, plan, skipped | {c for c in copies if c in source}
 
 
@@ -230,6 +232,8 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     else:
         md = dense.metadata_from_hf(cfg, source.dtype(embed_name), args.model_type_hf)
         plan = dense_plan(md)
+    if getattr(args, "mtp_num_layers", None) and family != glm4_moe.MODEL_TYPE:
+        raise ConversionError(f"--mtp-num-layers: {family} has no MTP layers (DeepSeek-V3 is read by loader hf_deepseek3)")
     if args.true_vocab_size:
         md.true_vocab_size = args.true_vocab_size
     tied_copy = {"lm_head.weight"} if not md.output_layer and "lm_head.weight" in source else set()
