@@ -83,8 +83,8 @@ def config_of(directory):
     return json.loads((directory / "config.json").read_text())
 
 
-def back_to_hf_is_exact(mc, original, out, *flags):
-    convert_inprocess("core_ext", "hf", mc, out, *flags)
+def back_to_hf_is_exact(mc, original, out):
+    convert_inprocess("core_ext", "hf", mc, out)
     assert_same_tensors(read_safetensors_dir(original), read_safetensors_dir(out))
     assert config_of(out) == config_of(original)
 

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "attention_bias": False, "use_qk_norm": False,
     "num_experts_per_tok": 8, "n_shared_experts": 1, "n_routed_experts": 128, "routed_scaling_factor": 1.0,
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True, "num_nextn_predict_layers": 1,
-    "moe_intermediate_size": 1408, "tie_word_embeddings": False, "hidden_act": "silu",
+    "moe_intermediate_size": 1408,
 }
 PARTIAL_ROTARY_DEFAULT = 0.5
 
