@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..families import Section, deepseek, dense, experts_to_protocol, qwen3_moe, to_protocol
+from ..families import Section, deepseek, dense, experts_to_protocol, glm4_moe, qwen3_moe, to_protocol
 from ..io.safetensors_io import SafetensorsSource
 from ..transport import protocol as P
 from ..transport.runtime import progress
@@ -50,11 +50,14 @@ class Step:
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
-    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe"]),
+    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe", glm4_moe.MODEL_TYPE]),
                        help="HF family (default: config.json model_type)")
     group.add_argument("--experts-per-message", type=int, default=8, help="MoE: routed experts per protocol message")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size (default: config.json vocab_size)")
+    group.add_argument("--mtp-num-layers", type=int, default=None,
+                       help="GLM-4.5: MTP layers to convert (default: those of config.json num_nextn_predict_layers the "
+                            "checkpoint holds; 0 skips them)")
     add_strict(group)
 
 
@@ -115,13 +118,16 @@ def moe_plan(md: argparse.Namespace, layer_section: Callable[[argparse.Namespace
     return steps
 
 
-def deepseek_plan(md: argparse.Namespace, experts_per_message: int) -> list[Step]:
-    """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP."""
-    steps = moe_plan(md, deepseek.layer_section, deepseek.EXPERTS, experts_per_message)
+def deepseek_plan(md: argparse.Namespace, experts_per_message: int,
+                  layer_section: Callable[[argparse.Namespace, int], Section] = deepseek.layer_section,
+                  experts: Section = deepseek.EXPERTS, mtp_layer: Section = deepseek.MTP_LAYER) -> list[Step]:
+    """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP
+    (DeepSeek-V3's tables unless given: GLM-4.5 has the same plan)."""
+    steps = moe_plan(md, layer_section, experts, experts_per_message)
     for k in range(md.mtp_num_layers):
         layer = md.num_layers + k
-        steps.append(Step(P.mtp_message(k), deepseek.MTP_LAYER, layer, P.mtp_shapes(md)))
-        steps += _expert_steps(md, P.mtp_message(k), layer, experts_per_message)
+        steps.append(Step(P.mtp_message(k), mtp_layer, layer, P.mtp_shapes(md)))
+        steps += _expert_steps(md, P.mtp_message(k), layer, experts_per_message, experts)
     return steps
 
 
@@ -178,6 +184,35 @@ def qwen3_moe_experts(source: SafetensorsSource, md: argparse.Namespace) -> Sect
     return deepseek.EXPERTS
 
 
+def glm4_moe_plan(source: SafetensorsSource, cfg: dict[str, Any], args: argparse.Namespace,
+                  per_message: int) -> tuple[argparse.Namespace, list[Step], set[str]]:
+    """GLM-4.5's metadata, plan and the tensors it leaves unread: the MTP layers not converted (by default
+    those config.json names and the checkpoint holds, since transformers saves a model without them) and
+    the embedding/head copies of those converted (checked equal to the originals)."""
+    layers = cfg.get("num_hidden_layers", 0)
+    named = cfg.get("num_nextn_predict_layers", glm4_moe.DEFAULTS["num_nextn_predict_layers"]) or 0
+    held = next((k for k in range(named) if f"model.layers.{layers + k}.eh_proj.weight" not in source), named)
+    asked = getattr(args, "mtp_num_layers", None)
+    mtp = held if asked is None else asked
+    if not 0 <= mtp <= held:
+        raise ConversionError(f"--mtp-num-layers {mtp}: the checkpoint holds {held} MTP layers "
+                              f"(config.json num_nextn_predict_layers {named})")
+    md = glm4_moe.metadata_from_hf(cfg, source.dtype("model.embed_tokens.weight"), mtp)
+    if mtp and not md.output_layer:
+        raise ConversionError("config.json: tie_word_embeddings true with MTP layers (whose shared_head.head copies lm_head) "
+                              "is not a GLM-4.5 layout; pass --mtp-num-layers 0 to convert without them")
+    plan = deepseek_plan(md, per_message, glm4_moe.layer_section, qwen3_moe_experts(source, md), glm4_moe.MTP_LAYER)
+    skipped = {n for n in source.names() if any(n.startswith(f"model.layers.{layers + k}.") for k in range(mtp, held))}
+    copies = {f"model.layers.{layers + k}.{c}": original for k in range(mtp) for c, original in glm4_moe.MTP_COPIES.items()}
+    for copy, original in copies.items():
+        check_copy(source, copy, original)
+    if skipped:
+        print(f"loader_hf: skipping the {len(skipped)} tensors of MTP layers {mtp}..{held - 1} (--mtp-num-layers {mtp})")
+    if held < named:
+        print(f"loader_hf: config.json names {named} MTP layers, the checkpoint holds {held} (transformers saves none)")
+    return md, plan, skipped | {c for c in copies if c in source}
+
+
 def load(queue: Any, args: argparse.Namespace) -> None:
     load_dir = Path(args.load_dir)
     cfg = read_config(load_dir)
@@ -185,19 +220,24 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     embed_name = "model.embed_tokens.weight"
     if embed_name not in source:
         raise ConversionError(f"tensor {embed_name!r} is missing from the checkpoint")
-    if (args.model_type_hf or cfg.get("model_type")) == "qwen3_moe":
+    family, ignored = args.model_type_hf or cfg.get("model_type"), set()
+    per_message = getattr(args, "experts_per_message", 8) or 8
+    if per_message < 1 and family in ("qwen3_moe", glm4_moe.MODEL_TYPE):
+        raise ConversionError("--experts-per-message must be >= 1")
+    if family == "qwen3_moe":
         md = qwen3_moe.metadata_from_hf(cfg, source.dtype(embed_name))
-        per_message = getattr(args, "experts_per_message", 8) or 8
-        if per_message < 1:
-            raise ConversionError("--experts-per-message must be >= 1")
         plan = moe_plan(md, qwen3_moe.layer_section, qwen3_moe_experts(source, md), per_message)
+    elif family == glm4_moe.MODEL_TYPE:
+        md, plan, ignored = glm4_moe_plan(source, cfg, args, per_message)
     else:
         md = dense.metadata_from_hf(cfg, source.dtype(embed_name), args.model_type_hf)
         plan = dense_plan(md)
+    if getattr(args, "mtp_num_layers", None) and family != glm4_moe.MODEL_TYPE:
+        raise ConversionError(f"--mtp-num-layers: {family} has no MTP layers (DeepSeek-V3 is read by loader hf_deepseek3)")
     if args.true_vocab_size:
         md.true_vocab_size = args.true_vocab_size
     tied_copy = {"lm_head.weight"} if not md.output_layer and "lm_head.weight" in source else set()
-    validate(source, md, plan, tied_copy)
+    validate(source, md, plan, tied_copy | ignored)
     if tied_copy:  # some exporters keep the tied head; it must equal the embeddings
         check_copy(source, "lm_head.weight", embed_name)
     stream(queue, source, md, plan, "loader_hf", args)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..families import Section, deepseek, dense, experts_from_protocol, from_protocol, qwen3_moe
+from ..families import Section, deepseek, dense, experts_from_protocol, from_protocol, glm4_moe, qwen3_moe
 from ..families.lora import LORA_A, LORA_B
 from ..io import fp8
 from ..io.manifest import Manifest
@@ -49,10 +49,15 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def layer_section(md: argparse.Namespace, layer: int) -> Section:
-    """The HF table of a decoder layer: DeepSeek-V3 (MLA), Qwen3-MoE (experts without MLA) or dense."""
+    """The HF table of a decoder layer: DeepSeek-V3 (MLA), GLM-4.5 or Qwen3-MoE (experts without MLA) or dense."""
     if getattr(md, "multi_latent_attention", False):
         return deepseek.layer_section(md, layer)
-    return qwen3_moe.layer_section(md, layer) if md.num_experts else dense.LAYER
+    return moe_family(md).layer_section(md, layer) if md.num_experts else dense.LAYER
+
+
+def moe_family(md: argparse.Namespace) -> Any:
+    """The family module of an MoE checkpoint without MLA, chosen from its metadata (see `glm4_moe.is_glm4_moe`)."""
+    return glm4_moe if glm4_moe.is_glm4_moe(md) else qwen3_moe
 
 
 def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
@@ -64,14 +69,16 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         cfg = json.loads(path.read_text())
     elif getattr(md, "hf_config", None):
         cfg = dict(md.hf_config)
-    elif md.num_experts and not getattr(md, "multi_latent_attention", False):
+    elif md.num_experts and not getattr(md, "multi_latent_attention", False) and moe_family(md) is qwen3_moe:
         raise ConversionError("Qwen3-MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
             raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
-        # DeepSeek-V3: rebuilt with rope_scaling from the metadata (the checkpoint's args)
-        rebuild = deepseek.hf_config_from_metadata if getattr(md, "multi_latent_attention", False) else dense.hf_config_from_metadata
+        if getattr(md, "multi_latent_attention", False):  # DeepSeek-V3: rebuilt with rope_scaling from the metadata (the checkpoint's args)
+            rebuild = deepseek.hf_config_from_metadata
+        else:  # an MoE model without MLA reaching here is GLM-4.5 (Qwen3-MoE was refused above)
+            rebuild = glm4_moe.hf_config_from_metadata if md.num_experts else dense.hf_config_from_metadata
         cfg = rebuild(md, vocab)
     for hf_key, md_key in CONFIG_CHECKS:
         if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
@@ -162,12 +169,16 @@ def save(queue: Any, args: argparse.Namespace) -> None:
     md.learned_absolute = md.position_embedding_type == "learned_absolute"
     if md.learned_absolute:
         raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")
-    if md.num_experts and not getattr(md, "multi_latent_attention", False):
-        qwen3_moe.check(md)
+    moe_without_mla = bool(md.num_experts) and not getattr(md, "multi_latent_attention", False)
+    family = moe_family(md) if moe_without_mla else None
+    if family is not glm4_moe and getattr(md, "rotary_percent", 1.0) != 1.0:
+        raise ConversionError(f"rotary_percent {md.rotary_percent} (partial rotary) has no place in this family's config.json")
+    if family is not None:
+        family.check(md)
     check_target(args.save_dir, args.overwrite)
     cfg = output_config(args, md)
-    if md.num_experts and not getattr(md, "multi_latent_attention", False):
-        qwen3_moe.check_config(cfg, md)
+    if family is not None:
+        family.check_config(cfg, md)
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
     summary = Summary("saver_hf")
     with StagedDir(args.save_dir, args.overwrite) as staged:
@@ -213,7 +224,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)
         for k in range(getattr(md, "mtp_num_layers", 0) or 0):
             layer = md.num_layers + k
-            emit_layer(P.mtp_message(k), layer, deepseek.MTP_LAYER, P.mtp_shapes(md))
+            emit_layer(P.mtp_message(k), layer, glm4_moe.MTP_LAYER if family is glm4_moe else deepseek.MTP_LAYER, P.mtp_shapes(md))
             for copy, original in deepseek.MTP_COPIES.items():  # the official layout repeats them
                 add(f"model.layers.{layer}.{copy}", kept[original])
         if P.receive_end(reader) is not None:

@@ -45,7 +45,7 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
         use_rotary_position_embeddings=md.position_embedding_type == "rope",
         add_position_embedding=md.position_embedding_type == "learned_absolute",
         rotary_base=md.rotary_base,
-        rotary_percent=1.0,
+        rotary_percent=getattr(md, "rotary_percent", 1.0),
         rotary_interleaved=False,
         normalization=md.normalization,
         norm_epsilon=md.norm_epsilon,
@@ -106,6 +106,8 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
         args.moe_grouped_gemm = moe_grouped_gemm
         args.moe_tp_extend_ep = moe_tp_extend_ep
         args.moe_token_dispatcher_type = "alltoall"
+    if getattr(md, "hf_model_type", None):  # only where a loader recorded it (see protocol)
+        args.hf_model_type = md.hf_model_type
     args.naming = naming
     args.mla_mm_split = mla_mm_split
     return args
@@ -158,6 +160,8 @@ def metadata_from_args(a: argparse.Namespace, source_sizes: tuple[int, int], ite
         hf_config=getattr(a, "hf_config", None),
     )
     md.mtp_num_layers = getattr(a, "mtp_num_layers", None) or 0
+    md.rotary_percent = getattr(a, "rotary_percent", None) or 1.0
+    md.hf_model_type = getattr(a, "hf_model_type", None)
     if mla:
         md.multi_latent_attention = True
         for field in MLA_FIELDS:

@@ -269,7 +269,8 @@ def build_model(args: argparse.Namespace, config: Any, stage: int, num_stages: i
         return call_with(GPTModel, config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      pre_process=stage == 0, post_process=last,
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                     position_embedding_type="rope", rotary_base=args.rotary_base, parallel_output=parallel_output,
+                     position_embedding_type="rope", rotary_base=args.rotary_base, rotary_percent=getattr(args, "rotary_percent", 1.0),
+                     parallel_output=parallel_output,
                      mtp_block_spec=mtp_spec, optional={"vp_stage": vp_stage, "pg_collection": pg_collection})
 
 

@@ -8,6 +8,10 @@ metadata so upstream savers never see a key they do not expect unless the model 
   not read `checkpoint_args`;
 - `md.hf_config` (the source HF `config.json` as a dict, or None) so mcore -> HF can restore it;
 - `md.rope_scaling`: None (plain RoPE) or MLA's YaRN parameters (see rope_scaling.py);
+- `md.rotary_percent` (Megatron's `--rotary-percent`, absent: 1.0): RoPE on the first fraction of each
+  head's dimensions (GLM-4.5's `partial_rotary_factor`);
+- `md.hf_model_type` (absent: None): the HF family the loader read (`glm4_moe`), so that `saver_hf`
+  writes the same family back when no HF config travels with the checkpoint;
 - MoE layers without shared experts (`md.moe_shared_expert_intermediate_size` None) or without a
   router expert bias (`md.moe_router_enable_expert_bias` False) carry no such keys.
 """
@@ -334,6 +338,7 @@ def normalize_metadata(md: argparse.Namespace) -> argparse.Namespace:
         "vocab_size": md.true_vocab_size,
         "hf_config": None,
         "rope_scaling": None,
+        "rotary_percent": 1.0,
         "num_experts": None,
         "consumed_train_samples": 0,
         "consumed_valid_samples": 0,
