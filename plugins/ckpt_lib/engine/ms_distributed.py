@@ -414,9 +414,12 @@ def open_checkpoint_1(load_dir: Path, strategy_path: str | None) -> ShardedSourc
             skipped[name] = (shape0, dtype)
             continue
         layout = layouts[ranks[0]].get(name)
-        if layout is None:  # not in the strategy: every holder has it whole
-            shape, pieces = shape0, [Piece(opened[r], name, f"rank_{r}", (0,) * len(shape0), opened[r].entries[name][1])
-                                     for r in ranks]
+        if layout is None:  # not in the strategy (e.g. not trainable): every holder has it whole
+            odd = next((r for r in ranks if opened[r].entries[name][1] != shape0), None)
+            if odd is not None:
+                raise ConversionError(f"tensor {name!r} is not in the strategy ({strategy}) but rank_{ranks[0]} and rank_{odd} "
+                                      f"hold {list(shape0)} and {list(opened[odd].entries[name][1])}")
+            shape, pieces = shape0, [Piece(opened[r], name, f"rank_{r}", (0,) * len(shape0), shape0) for r in ranks]
         else:
             shape = tuple(s * layout.parts(d) for d, s in enumerate(shape0))
             stage_ranks = [r for r in range(world) if layout.slice_of(r, shape) is not None]
