@@ -139,7 +139,7 @@ def test_replicas_that_disagree_are_named(tmp_path):
 
 def test_strategy_layouts_decode_without_mindspore():
     """The project's protobuf reader: TP2 column / row / replicated layouts, pipeline stages, optimizer shards."""
-    from ckpt_lib.ms_distributed import read_strategy
+    from ckpt_lib.engine.ms_distributed import read_strategy
 
     tp = read_strategy(TRAINING / "qwen3_tp2" / "strategy" / "ckpt_strategy_rank_0.ckpt")
     fc1, fc2, norm = (tp[f"decoder.layers.0.{n}.weight"] for n in ("mlp.linear_fc1", "mlp.linear_fc2", "input_layernorm"))
