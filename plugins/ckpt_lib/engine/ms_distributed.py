@@ -168,6 +168,10 @@ def _layout(buf: bytes, stage: int) -> Layout:
             dev.append(_ints(value))
         elif number == 2:
             maps.append(_ints(value))
+        elif number == 3 and _ints(value):
+            raise ValueError("uneven splits (param_split_shape) are not supported")
+        elif number == 5 and value:
+            raise ValueError("field-split layouts are not supported")
         elif number == 7:
             opt_size = value
     if len(dev) != 1 or not maps:
@@ -198,7 +202,10 @@ def read_strategy(path: Path) -> dict[str, Layout]:
             merged = re.match(r"^(\d+)-(.+)$", name)
             if merged:
                 name = merged[2]
-            layouts[name] = _layout(fields[2], int(merged[1]) if merged else stage)
+            try:
+                layouts[name] = _layout(fields[2], int(merged[1]) if merged else stage)
+            except ValueError as e:
+                raise ConversionError(f"{path}: parameter {name!r}: {e}") from None
         return layouts
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not a MindSpore parallel strategy file ({e})") from None
@@ -488,6 +495,8 @@ def open_checkpoint_2(path: Path) -> ShardedSource:
     skipped: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, info in state.items():
         shape = tuple(int(s) for s in info["global_shape"])
+        if (info.get("layout") or {}).get("interleaved_parallel"):
+            raise ConversionError(f"{meta_file}: tensor {name!r} has an interleaved_parallel layout, which is not supported")
         grid = [int(f) for f in info.get("axis_fragmentations") or [1] * len(shape)]
         pieces = []
         for chunk in info["chunk"]:
