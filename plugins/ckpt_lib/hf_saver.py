@@ -13,7 +13,7 @@ import torch
 from . import fp8
 from . import protocol as P
 from .errors import ConversionError
-from .families import Section, deepseek, dense, experts_from_protocol, from_protocol, qwen3_moe
+from .families import Section, deepseek, deepseek_v2, dense, experts_from_protocol, from_protocol, qwen3_moe
 from .lora import LORA_A, LORA_B
 from .manifest import Manifest
 from .runtime import Summary, progress
@@ -70,8 +70,11 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
             raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
-        # DeepSeek-V3: rebuilt with rope_scaling from the metadata (the checkpoint's args)
-        rebuild = deepseek.hf_config_from_metadata if getattr(md, "multi_latent_attention", False) else dense.hf_config_from_metadata
+        # MLA: DeepSeek-V3 (sigmoid router) or -V2 (softmax) rebuilt with rope_scaling from the metadata (the checkpoint's args)
+        rebuild = dense.hf_config_from_metadata
+        if getattr(md, "multi_latent_attention", False):
+            softmax = md.moe_router_score_function == "softmax"
+            rebuild = deepseek_v2.hf_config_from_metadata if softmax else deepseek.hf_config_from_metadata
         cfg = rebuild(md, vocab)
     for hf_key, md_key in CONFIG_CHECKS:
         if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
@@ -79,7 +82,10 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
     if cfg.get("tie_word_embeddings", False) == bool(md.output_layer):
         raise ConversionError(f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings', False)} disagrees with the checkpoint")
     if getattr(md, "multi_latent_attention", False):
-        cfg["num_nextn_predict_layers"] = getattr(md, "mtp_num_layers", 0) or 0
+        deepseek.check_config(cfg, md)
+        mtp = getattr(md, "mtp_num_layers", 0) or 0
+        if mtp or "num_nextn_predict_layers" in cfg:  # the DeepSeek-V2 class has no such field
+            cfg["num_nextn_predict_layers"] = mtp
     cfg["dtype"] = str(md.params_dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     return cfg

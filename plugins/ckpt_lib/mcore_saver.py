@@ -196,6 +196,9 @@ class McoreSaver:
             raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
         if self.mm_split and not getattr(self.md, "multi_latent_attention", False):
             raise ConversionError("--mla-mm-split needs an MLA model")
+        if mindspeed and getattr(self.md, "multi_latent_attention", False) and not self.md.q_lora_rank:
+            raise ConversionError("--naming mindspeed: MindSpeed-LLM's layout of MLA without q_lora_rank (a plain query "
+                                  "projection) is not known here; write megatron-core names")
         if self.tp_extend and not self.grouped:
             raise ConversionError("--moe-tp-extend-ep needs --moe-grouped-gemm")
         if (self.grouped or self.tp_extend) and not self.num_experts:
