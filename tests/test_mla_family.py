@@ -25,8 +25,9 @@ TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(
 # V2-Lite's release YaRN (mscale = mscale_all_dim = 0.707) on a 16-position original length (see test_yarn)
 V2_YARN = {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
            "beta_fast": 32, "beta_slow": 1}
-# Kimi-K2's release YaRN: factor 32, beta_fast = beta_slow = 1 (not MLATransformerConfig's 32 / 1)
-KIMI_YARN = {"type": "yarn", "factor": 32, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 16,
+# Kimi-K2's release YaRN: factor 32 over 4096 positions, beta_fast = beta_slow = 1 (MLATransformerConfig's: 32 / 1), which
+# moves the correction range of the 8 rotary dims here from dims [1, 3) to [2, 3)
+KIMI_YARN = {"type": "yarn", "factor": 32, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
              "beta_fast": 1.0, "beta_slow": 1.0}
 V2_CONFIG = dict(vocab_size=100, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
@@ -38,7 +39,7 @@ MOONLIGHT = dict(q_lora_rank=None, n_group=1, topk_group=1, n_routed_experts=8, 
                  routed_scaling_factor=2.446, rope_theta=50000.0, num_nextn_predict_layers=1)
 # Kimi-K2: 384 experts top-8 in one group (16 here), 1 shared, scale 2.827, 1 dense layer, no MTP
 KIMI = dict(n_group=1, topk_group=1, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, routed_scaling_factor=2.827,
-            first_k_dense_replace=1, num_nextn_predict_layers=0, rope_scaling=KIMI_YARN, max_position_embeddings=512,
+            first_k_dense_replace=1, num_nextn_predict_layers=0, rope_scaling=KIMI_YARN, max_position_embeddings=131072,
             rope_theta=50000.0)
 LAYOUTS = {
     "tp1": [],
@@ -122,6 +123,9 @@ def test_logits_match_transformers_and_round_trip(tmp_path, tmp_path_factory, fa
     assert (args.moe_router_score_function, args.moe_router_pre_softmax, args.moe_router_enable_expert_bias) == (
         ("softmax", True, False) if v2 else ("sigmoid", False, True))
     assert args.moe_router_topk_scaling_factor == model.config.routed_scaling_factor
+    if family == "kimi":  # one group of 16 experts, one dense layer, the release's YaRN
+        assert (args.moe_router_num_groups, args.moe_router_group_topk, args.moe_layer_freq) == (1, 1, [0, 1, 1, 1])
+        assert (args.rotary_scaling_factor, args.original_max_position_embeddings, args.beta_fast, args.beta_slow) == (32, 4096, 1, 1)
     names = {k for sd in read_mcore_dir(tmp_path / "mc").values() for k in sd}
     assert any(k.endswith("linear_q_proj.weight") for k in names) != (family == "kimi")
     assert any("expert_bias" in k for k in names) != v2
@@ -135,7 +139,8 @@ def test_logits_match_transformers_and_round_trip(tmp_path, tmp_path_factory, fa
 
 def negative_edit(family):
     """What a converter that got the family wrong would write: V2 without its scaling factor, Moonlight with two
-    heads' q_proj rows swapped, Kimi without its YaRN correction range (beta_fast / beta_slow 1, not 32 / 1)."""
+    heads' q_proj rows swapped, Kimi without its YaRN factor (Kimi's beta 1 / 1 instead of 32 / 1 moves the logits
+    of these 10 positions by only 2e-5: the parity test checks those args by value)."""
     def edit(ckpt):
         args, sd = ckpt["args"], ckpt["model"]
         if family == "v2lite":
@@ -144,8 +149,7 @@ def negative_edit(family):
             for name in [n for n in sd if n.endswith("linear_q_proj.weight")]:
                 sd[name] = sd[name].reshape(4, 24, -1)[[1, 0, 2, 3]].reshape(sd[name].shape)
         else:
-            for name in ("beta_fast", "beta_slow", "yarn_beta_fast", "yarn_beta_slow"):
-                delattr(args, name)
+            del args.rotary_scaling_factor
     return edit
 
 
