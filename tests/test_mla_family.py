@@ -284,3 +284,15 @@ def test_lora_on_linear_q_proj_merges_and_exports_to_peft(tmp_path, tmp_path_fac
     merged = peft_model.merge_and_unload().state_dict()
     for name in adapted:
         assert torch.equal(merged[name], ours[name]), name
+
+
+def test_verify_reads_kimi_and_compares_logits(tmp_path, tmp_path_factory):
+    """verify.py picks the MLA loader for model_type kimi_k2 and runs the HF side as DeepSeek-V3 for --logits."""
+    from ckpt_lib import verify
+
+    _, _, path = tiny(tmp_path_factory, "kimi")
+    convert_to_mcore("kimi", path, tmp_path / "mc")
+    assert verify.detect_loader(path) == "hf_deepseek3"
+    lines: list[str] = []
+    assert verify.compare_logits(path, tmp_path / "mc", 1e-4, lines.append), lines
+    assert "top-1 agreement 100.0%" in lines[0]

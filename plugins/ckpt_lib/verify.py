@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import queue
 import sys
 import threading
@@ -25,19 +26,19 @@ import torch
 from . import manifest
 from . import protocol as P
 from .errors import ConversionError
+from .families.deepseek import V2_MODEL_TYPES, V3_MODEL_TYPES
 
 VOCAB_KEYS = {(P.EMBEDDINGS, P.WORD_EMB), (P.OUTPUT_LAYER, "weight")}
 
 
 def detect_loader(directory: Path) -> str:
-    """Which loader reads a directory: HF (dense or DeepSeek-V3), or Megatron legacy torch."""
+    """Which loader reads a directory: HF (dense, or the MLA family: DeepSeek-V3, Kimi-K2, DeepSeek-V2), or Megatron legacy torch."""
     if (directory / "latest_checkpointed_iteration.txt").exists() or any(directory.glob("iter_*")) or (directory / "release").exists():
         return "core_ext"
     config = directory / "config.json"
     if config.exists():
-        import json
-
-        return "hf_deepseek3" if json.loads(config.read_text()).get("model_type") == "deepseek_v3" else "hf"
+        mla = json.loads(config.read_text()).get("model_type") in (*V3_MODEL_TYPES, *V2_MODEL_TYPES)
+        return "hf_deepseek3" if mla else "hf"
     if any(directory.glob("*.safetensors")):
         return "core_mf"
     raise ConversionError(f"{directory}: cannot tell the checkpoint format (no config.json, tracker file or safetensors)")
@@ -168,12 +169,15 @@ def check_manifest(directory: Path, report: Any = print) -> bool:
 
 
 def compare_logits(hf_dir: Path, mcore_dir: Path, atol: float, report: Any = print) -> bool:
-    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side."""
-    from transformers import AutoModelForCausalLM
+    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side. transformers has no
+    Kimi-K2 class: it runs as the DeepSeek-V3 it is (as transformers' own Kimi-K2.5 config maps it)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     from .mcore_runner import mcore_logits
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    config = DeepseekV3Config.from_dict({**cfg, "model_type": "deepseek_v3"}) if cfg.get("model_type") == "kimi_k2" else None
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
