@@ -185,6 +185,73 @@ def test_config_rebuilt_from_args(tmp_path, tmp_path_factory, family):
     assert (hf_logits(back, TOKENS) - hf_logits(model, TOKENS)).abs().max().item() == 0
 
 
+def test_expressible_group_limited_v2_matches(tmp_path):
+    """DeepSeek-V2's group_limited_greedy where megatron-core ranks groups as transformers does (by their best score:
+    num_experts_per_tok // topk_group = 1): 2 of 4 groups kept, 3 experts chosen among their 4. (With top-k <= topk_group
+    the limit never changes the choice; here it does: the same weights routed greedily give other logits.)"""
+    model, _ = make_v2(tmp_path / "hf", seed=1, topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    greedy, _ = make_v2(tmp_path / "greedy", seed=1)
+    assert (hf_logits(model, TOKENS) - hf_logits(greedy, TOKENS)).abs().max() > 1e-3
+    convert_to_mcore("v2lite", tmp_path / "hf", tmp_path / "mc")
+    args, _ = read_args(tmp_path / "mc")
+    assert (args.moe_router_num_groups, args.moe_router_group_topk, args.moe_router_topk) == (4, 2, 3)
+    main, _ = diffs(tmp_path / "mc", model, {})
+    print(f"v2 group_limited_greedy: logits max abs diff {main:.2e}")
+    assert main < 1e-4
+
+
+def fuse_experts(src, dst):
+    """The same checkpoint with transformers' in-memory expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    from safetensors.torch import save_file
+
+    tensors, cfg = read_safetensors_dir(src), json.loads((src / "config.json").read_text())
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    experts = range(cfg["n_routed_experts"])
+    for layer in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"]])
+                                               for e in experts])
+        out[p + "down_proj"] = torch.stack([tensors[f"{p}{e}.down_proj.weight"] for e in experts])
+    dst.mkdir()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(src / "config.json", dst / "config.json")
+
+
+def test_fused_experts_and_te_names(tmp_path, tmp_path_factory):
+    """A DeepSeek-V2 checkpoint with fused experts on disk converts to the same files as its per-expert twin; the
+    Transformer Engine names of a plain query projection (linear_q_proj, the kv norm fused into linear_kv_up_proj)
+    go back to HF bit for bit."""
+    _, _, path = tiny(tmp_path_factory, "v2lite")
+    fuse_experts(path, tmp_path / "fused")
+    flags = ["--saver-transformer-impl", "transformer_engine", *LAYOUTS["tp2ep2"], "--experts-per-message", "3"]
+    convert_inprocess("hf", "core_ext", path, tmp_path / "a", *flags)
+    convert_inprocess("hf", "core_ext", tmp_path / "fused", tmp_path / "b", *flags)
+    a, b = read_mcore_dir(tmp_path / "a"), read_mcore_dir(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert_same_tensors(a[k], b[k])
+    names = set(a["mp_rank_01_001/model"])
+    assert "decoder.layers.1.self_attention.linear_q_proj.weight" in names
+    assert "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight" in names
+    assert not any("q_down" in n or "q_up" in n for n in names)
+    convert_inprocess("core_ext", "hf", tmp_path / "b", tmp_path / "back")
+    assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
+
+
+def test_save_fp8_quantizes_q_proj(tmp_path, tmp_path_factory):
+    """--save-fp8 writes a plain q_proj block-scaled like the other MLA projections, and it reads back."""
+    _, _, path = tiny(tmp_path_factory, "moonlight")
+    convert_to_mcore("moonlight", path, tmp_path / "mc")
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "fp8", "--save-fp8", "--fp8-block-size", "16")
+    fp8 = read_safetensors_dir(tmp_path / "fp8")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert fp8[name].dtype == torch.float8_e4m3fn and fp8[name + "_scale_inv"].shape == (6, 4)
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "fp8", tmp_path / "again", "--mtp-num-layers", "1",
+                      "--params-dtype", "fp32")
+    q = read_mcore_dir(tmp_path / "again")["mp_rank_00/model"]["decoder.layers.1.self_attention.linear_q_proj.weight"]
+    assert (q - read_safetensors_dir(path)[name]).abs().max() < 0.1 * read_safetensors_dir(path)[name].abs().max()
+
+
 def refused(capsys, match, *argv):
     """The conversion stops with one `error:` line naming the field, nothing written."""
     with pytest.raises(SystemExit):

@@ -19,7 +19,16 @@ from . import fp8
 from . import protocol as P
 from .errors import ConversionError
 from .families import deepseek, deepseek_v2
-from .hf_loader import add_latent_norm_eps, add_strict, check_copy, deepseek_plan, read_config, stream, validate
+from .hf_loader import (
+    add_latent_norm_eps,
+    add_strict,
+    check_copy,
+    deepseek_plan,
+    qwen3_moe_experts,
+    read_config,
+    stream,
+    validate,
+)
 from .pipeline import parse_layer_list
 from .safetensors_io import SafetensorsSource
 
@@ -91,7 +100,7 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         md.hf_config.pop("quantization_config", None)  # a dequantized copy's stale setting
     if mtp and (cfg.get("num_nextn_predict_layers") or 0) < 1:
         raise ConversionError("--mtp-num-layers 1, but config.json has num_nextn_predict_layers 0")
-    plan = deepseek_plan(md, per_message)
+    plan = deepseek_plan(md, per_message, qwen3_moe_experts(source, md))  # per-expert or fused [E, ...] on disk
     mtp_prefix = f"model.layers.{md.num_layers}."
     mtp_names = {n for n in source.names() if n.startswith(mtp_prefix)}
     copies = {mtp_prefix + c: original for c, original in deepseek.MTP_COPIES.items()}

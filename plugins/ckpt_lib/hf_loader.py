@@ -123,13 +123,13 @@ def moe_plan(md: argparse.Namespace, layer_section: Callable[[argparse.Namespace
     return steps
 
 
-def deepseek_plan(md: argparse.Namespace, experts_per_message: int) -> list[Step]:
+def deepseek_plan(md: argparse.Namespace, experts_per_message: int, experts: Section = deepseek.EXPERTS) -> list[Step]:
     """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP."""
-    steps = moe_plan(md, deepseek.layer_section, deepseek.EXPERTS, experts_per_message)
+    steps = moe_plan(md, deepseek.layer_section, experts, experts_per_message)
     for k in range(md.mtp_num_layers):
         layer = md.num_layers + k
         steps.append(Step(P.mtp_message(k), deepseek.MTP_LAYER, layer, P.mtp_shapes(md)))
-        steps += _expert_steps(md, P.mtp_message(k), layer, experts_per_message)
+        steps += _expert_steps(md, P.mtp_message(k), layer, experts_per_message, experts)
     return steps
 
 
