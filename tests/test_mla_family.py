@@ -252,6 +252,20 @@ def test_save_fp8_quantizes_q_proj(tmp_path, tmp_path_factory):
     assert (q - read_safetensors_dir(path)[name]).abs().max() < 0.1 * read_safetensors_dir(path)[name].abs().max()
 
 
+def test_qlora_nf4_quantizes_linear_q_proj(tmp_path, tmp_path_factory):
+    """--qlora-nf4 stores linear_q_proj in NF4 like the other MLA linears, and it reads back dequantized."""
+    pytest.importorskip("bitsandbytes.functional")
+    _, _, path = tiny(tmp_path_factory, "v2lite")
+    convert_to_mcore("v2lite", path, tmp_path / "mc", "--qlora-nf4")
+    sd = read_mcore_dir(tmp_path / "mc")["mp_rank_00/model"]
+    name = "decoder.layers.1.self_attention.linear_q_proj.weight"
+    assert sd[name].dtype == torch.uint8 and name + ".absmax" in sd
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
+    q, original = read_safetensors_dir(tmp_path / "back"), read_safetensors_dir(path)
+    w = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(q[w], original[w]) and (q[w] - original[w]).abs().max() < 0.2 * original[w].abs().max()
+
+
 def refused(capsys, match, *argv):
     """The conversion stops with one `error:` line naming the field, nothing written."""
     with pytest.raises(SystemExit):
