@@ -18,6 +18,7 @@ from test_lora import ALPHA, R, reference_merge
 
 from ckpt_lib.sharding import COLUMN, split
 from mcore_harness import mcore_outputs, read_args
+from mcore_versions import missing, outputs_under
 from test_parity import mtp_reference
 from util import assert_same_tensors, convert_inprocess, hf_logits, make_deepseek_model, read_mcore_dir, read_safetensors_dir
 
@@ -135,6 +136,18 @@ def test_logits_match_transformers_and_round_trip(tmp_path, tmp_path_factory, fa
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((path / "config.json").read_text())
+
+
+@pytest.mark.skipif(bool(missing("0.12.1")), reason="megatron-core 0.12.1 is not installed (make env)")
+def test_plain_query_projection_in_0121(tmp_path, tmp_path_factory):
+    """linear_q_proj (and its MTP layer) in megatron-core 0.12.1 too (0.19 is refused: it adds a norm of its own)."""
+    model, mtp, path = tiny(tmp_path_factory, "moonlight")
+    convert_to_mcore("moonlight", path, tmp_path / "mc", "--target-mcore-version", "0.12")
+    out = outputs_under("0.12.1", tmp_path / "mc", TOKENS)
+    main = (out["logits"][..., :100] - hf_logits(model, TOKENS)).abs().max().item()
+    extra = (out["mtp_logits"][..., :100] - mtp_reference(model, mtp, TOKENS)).abs().max().item()
+    print(f"moonlight in megatron-core 0.12.1: logits max abs diff {main:.2e}, MTP logits {extra:.2e}")
+    assert main < 1e-4 and extra < 1e-4
 
 
 def negative_edit(family):
@@ -306,9 +319,10 @@ def test_inexpressible_configs_are_refused(tmp_path, tmp_path_factory, capsys, c
     refused(capsys, message, "hf", "core_ext", edited_copy(path, tmp_path / "hf", **fields), tmp_path / "mc")
 
 
-def test_moonlight_epsilon_on_request_and_mindspeed_refused(tmp_path, tmp_path_factory, capsys):
+def test_moonlight_epsilon_on_request_and_targets_refused(tmp_path, tmp_path_factory, capsys):
     """Moonlight's release epsilon (1e-5) converts with --accept-latent-norm-eps (Megatron's one epsilon then applies
-    to the latent norm too); MindSpeed-LLM names are refused for a plain query projection."""
+    to the latent norm too); MindSpeed-LLM names are refused for a plain query projection, and so is megatron-core 0.19
+    (it fuses a norm of its own into linear_q_proj)."""
     _, _, path = tiny(tmp_path_factory, "moonlight")
     src = edited_copy(path, tmp_path / "hf", rms_norm_eps=1e-5)
     convert_inprocess("hf_deepseek3", "core_ext", src, tmp_path / "mc", "--accept-latent-norm-eps")
@@ -316,6 +330,7 @@ def test_moonlight_epsilon_on_request_and_mindspeed_refused(tmp_path, tmp_path_f
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["rms_norm_eps"] == 1e-5
     refused(capsys, "MLA without q_lora_rank", "hf_deepseek3", "core_ext", path, tmp_path / "ms", "--naming", "mindspeed")
+    refused(capsys, "fuses a norm into linear_q_proj", "hf_deepseek3", "core_ext", path, tmp_path / "v19", "--target-mcore-version", "0.19")
 
 
 def test_lora_on_linear_q_proj_merges_and_exports_to_peft(tmp_path, tmp_path_factory):

@@ -119,6 +119,7 @@ class McoreSaver:
         self.impl = "local" if self.naming == "mindspeed" or self.torch_dist else args.saver_transformer_impl
         self.mcore = self._target_mcore()
         rope_scaling.check_target(md, self.mcore.version)
+        mcore_version.check_target(md, self.mcore.version)
         # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
         self.mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == "mindspeed" else self.mcore.mtp_submodule
         self._check_profile(getattr(args, "schedules_method", None) == "dualpipev")
