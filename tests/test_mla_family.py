@@ -251,6 +251,14 @@ def test_fused_experts_and_te_names(tmp_path, tmp_path_factory):
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 
 
+def test_torch_dist_round_trip(tmp_path, tmp_path_factory):
+    """--ckpt-format torch_dist (megatron-core's own sharded state dict: linear_q_proj, no expert bias) and back, bit-exact."""
+    _, _, path = tiny(tmp_path_factory, "v2lite")
+    convert_inprocess("hf", "core_ext", path, tmp_path / "td", "--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2")
+    convert_inprocess("core_ext", "hf", tmp_path / "td", tmp_path / "back")
+    assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
+
+
 def test_save_fp8_quantizes_q_proj(tmp_path, tmp_path_factory):
     """--save-fp8 writes a plain q_proj block-scaled like the other MLA projections, and it reads back."""
     _, _, path = tiny(tmp_path_factory, "moonlight")
