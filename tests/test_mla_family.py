@@ -9,6 +9,7 @@ a DeepseekV3ForCausalLM whose config.json says kimi_k2, which is how frameworks 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -287,6 +288,69 @@ def test_qlora_nf4_quantizes_linear_q_proj(tmp_path, tmp_path_factory):
     assert not torch.equal(q[w], original[w]) and (q[w] - original[w]).abs().max() < 0.2 * original[w].abs().max()
 
 
+# The published config.json fields that matter here (tokenizer ids, aux-loss and cache settings left out).
+RELEASES = {
+    "DeepSeek-V2-Lite": dict(
+        model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
+        norm_topk_prob=False, routed_scaling_factor=1.0, rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000,
+        rope_scaling={"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
+        attention_bias=False, hidden_act="silu", tie_word_embeddings=False, vocab_size=102400),
+    "Moonlight-16B-A3B": dict(
+        model_type="deepseek_v3", hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+        norm_topk_prob=True, routed_scaling_factor=2.446, rms_norm_eps=1e-5, max_position_embeddings=8192, rope_theta=50000.0,
+        rope_scaling=None, num_nextn_predict_layers=0, attention_bias=False, hidden_act="silu", tie_word_embeddings=False,
+        vocab_size=163840),
+    "Kimi-K2-Instruct": dict(
+        model_type="kimi_k2", hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+        num_attention_heads=64, num_key_value_heads=64, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
+        first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+        norm_topk_prob=True, routed_scaling_factor=2.827, rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=50000.0,
+        rope_scaling={"type": "yarn", "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096, "beta_fast": 1.0, "beta_slow": 1.0},
+        num_nextn_predict_layers=0, attention_bias=False, hidden_act="silu", tie_word_embeddings=False, vocab_size=163840,
+        quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}),
+}
+
+
+def release_metadata(cfg, **flags):
+    from ckpt_lib.hf_deepseek_loader import metadata
+
+    return metadata(dict(cfg), torch.bfloat16, argparse.Namespace(mtp_num_layers=0, **flags))
+
+
+def test_release_configs():
+    """The published configs map as the tiny ones do; Moonlight's epsilon needs the explicit flag; the released
+    DeepSeek-V2 (236B: 6 experts from 3 of 8 groups) and Kimi-K2-Thinking's INT4 are refused naming the field."""
+    from ckpt_lib.errors import ConversionError
+
+    lite = release_metadata(RELEASES["DeepSeek-V2-Lite"])
+    assert (lite.q_lora_rank, lite.moe_router_score_function, lite.moe_router_pre_softmax, lite.moe_router_num_groups) == (
+        None, "softmax", True, None)
+    assert lite.rope_scaling["mscale_all_dim"] == 0.707 and not lite.moe_router_enable_expert_bias
+    with pytest.raises(ConversionError, match="rms_norm_eps 1e-05"):
+        release_metadata(RELEASES["Moonlight-16B-A3B"])
+    moon = release_metadata(RELEASES["Moonlight-16B-A3B"], accept_latent_norm_eps=True)
+    assert (moon.q_lora_rank, moon.norm_epsilon, moon.moe_router_topk_scaling_factor, moon.rope_scaling) == (None, 1e-5, 2.446, None)
+    kimi = release_metadata(RELEASES["Kimi-K2-Instruct"])
+    assert (kimi.num_experts, kimi.moe_router_num_groups, kimi.moe_router_group_topk, kimi.first_k_dense_replace) == (384, 1, 1, 1)
+    assert kimi.rope_scaling["beta_fast"] == 1.0 and kimi.moe_shared_expert_intermediate_size == 2048
+    v2 = dict(RELEASES["DeepSeek-V2-Lite"], hidden_size=5120, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+              q_lora_rank=1536, n_routed_experts=160, topk_method="group_limited_greedy", n_group=8, topk_group=3,
+              routed_scaling_factor=16.0)
+    with pytest.raises(ConversionError, match="n_group 8 / topk_group 3 / num_experts_per_tok 6"):
+        release_metadata(v2)
+    with pytest.raises(ConversionError, match="compressed-tensors"):
+        release_metadata(dict(RELEASES["Kimi-K2-Instruct"], quantization_config=KIMI_INT4))  # Kimi-K2-Thinking
+
+
 def refused(capsys, match, *argv):
     """The conversion stops with one `error:` line naming the field, nothing written."""
     with pytest.raises(SystemExit):
@@ -305,7 +369,7 @@ def edited_copy(src, dst, **fields):
     return dst
 
 
-CPU_INT4 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+KIMI_INT4 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
             "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 32, "symmetric": True}}}}
 REFUSALS = {
     # the released DeepSeek-V2 236B: top-6 of 3 groups kept out of 8, each ranked by its best score
@@ -316,7 +380,7 @@ REFUSALS = {
     "v3-group-ranking": ("kimi", dict(n_group=4, topk_group=2, num_experts_per_tok=2), "sum of its two best scores"),
     "v3-top1-renormalised": ("kimi", dict(num_experts_per_tok=1), "num_experts_per_tok 1 with norm_topk_prob true"),
     "moonlight-epsilon": ("moonlight", dict(rms_norm_eps=1e-5), "--accept-latent-norm-eps"),
-    "kimi-int4": ("kimi", dict(quantization_config=CPU_INT4), "quant_method 'compressed-tensors'"),
+    "kimi-int4": ("kimi", dict(quantization_config=KIMI_INT4), "quant_method 'compressed-tensors'"),
 }
 
 
