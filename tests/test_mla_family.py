@@ -31,12 +31,15 @@ V2_YARN = {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.70
 # moves the correction range of the 8 rotary dims here from dims [1, 3) to [2, 3)
 KIMI_YARN = {"type": "yarn", "factor": 32, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
              "beta_fast": 1.0, "beta_slow": 1.0}
+# V2-Lite: 64 experts top-6 greedy, 2 shared, 1 dense layer; the scale is 2 here (the release's 1) so that dropping it shows
 V2_CONFIG = dict(vocab_size=100, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
                  routed_scaling_factor=2.0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
                  v_head_dim=16, first_k_dense_replace=1, topk_method="greedy", norm_topk_prob=False, rms_norm_eps=1e-6,
                  max_position_embeddings=640, rope_scaling=V2_YARN, tie_word_embeddings=False)
-# DeepSeek-V3 class (util.make_deepseek_model overrides); Moonlight: 64 experts top-6 in one group, 2 shared, scale 2.446
+# DeepSeek-V3 class (util.make_deepseek_model overrides). Moonlight: 64 experts top-6 in one group, 2 shared, scale 2.446;
+# its release's rms_norm_eps 1e-5 is refused (test_release_configs), 1e-6 here; an MTP layer (the release has none) to
+# check linear_q_proj there too
 MOONLIGHT = dict(q_lora_rank=None, n_group=1, topk_group=1, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
                  routed_scaling_factor=2.446, rope_theta=50000.0, num_nextn_predict_layers=1)
 # Kimi-K2: 384 experts top-8 in one group (16 here), 1 shared, scale 2.827, 1 dense layer, no MTP
