@@ -57,7 +57,7 @@ def metadata(cfg: dict[str, Any], dtype: Any, args: argparse.Namespace) -> argpa
             raise ConversionError("--mtp-num-layers: DeepSeek-V2 has no MTP layer")
         return deepseek_v2.metadata_from_hf(cfg, dtype)
     deepseek.check_hf_router(cfg)
-    return deepseek.metadata_from_hf(cfg, dtype, getattr(args, "mtp_num_layers", 0))
+    return deepseek.metadata_from_hf(cfg, dtype, getattr(args, "mtp_num_layers", None) or 0)
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:
@@ -73,8 +73,9 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     # FP8 weights are rounded once, to what the saver writes: its --params-dtype, else the source's dtype
     dtype = P.DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else raw.dtype(embed)
     source = fp8.open_dequantized(raw, cfg, dtype)
-    # loader_hf hands MLA configs over without this loader's own options: their defaults
-    mtp = getattr(args, "mtp_num_layers", 0)
+    # loader_hf hands MLA configs over without this loader's own options (its --mtp-num-layers None: GLM-4.5's
+    # "the layers held"): their defaults
+    mtp = getattr(args, "mtp_num_layers", None) or 0
     per_message = getattr(args, "experts_per_message", 8)
     if mtp not in (0, 1):
         raise ConversionError(f"--mtp-num-layers {mtp}: only 0 or 1 is supported")
@@ -100,7 +101,7 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         md.hf_config.pop("quantization_config", None)  # a dequantized copy's stale setting
     if mtp and (cfg.get("num_nextn_predict_layers") or 0) < 1:
         raise ConversionError("--mtp-num-layers 1, but config.json has num_nextn_predict_layers 0")
-    plan = deepseek_plan(md, per_message, qwen3_moe_experts(source, md))  # per-expert or fused [E, ...] on disk
+    plan = deepseek_plan(md, per_message, experts=qwen3_moe_experts(source, md))  # per-expert or fused [E, ...] on disk
     mtp_prefix = f"model.layers.{md.num_layers}."
     mtp_names = {n for n in source.names() if n.startswith(mtp_prefix)}
     copies = {mtp_prefix + c: original for c, original in deepseek.MTP_COPIES.items()}
