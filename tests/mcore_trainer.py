@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from ckpt_verify.mcore_runner import TRACKER, free_port, load_rank_models, read_args
 from torch.overrides import TorchFunctionMode
 
 from ckpt_lib.io.mcore_model import layout_names, on_cpu, stage_layout, transformer_config
+from ckpt_verify.mcore_runner import TRACKER, free_port, load_rank_models, read_args
 
 
 class CudaAsCpu(TorchFunctionMode):

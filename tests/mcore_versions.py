@@ -56,6 +56,7 @@ def outputs_under(version: str, ckpt_dir: str | Path, tokens: torch.Tensor,
     path = mcore_path(version)
     if not path:
         import megatron.core.package_info as info
+
         from ckpt_verify.mcore_runner import mcore_outputs
 
         assert info.__version__.split("+")[0] == version, info.__version__

@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 import torch
-from test_lora import ALPHA, R, reference_merge
 
 from ckpt_lib.layout.sharding import COLUMN, split
 from mcore_harness import mcore_outputs, read_args
 from mcore_versions import missing, outputs_under
+from test_lora import ALPHA, R, reference_merge
 from test_parity import mtp_reference
 from util import assert_same_tensors, convert_inprocess, hf_logits, make_deepseek_model, read_mcore_dir, read_safetensors_dir
 
@@ -460,10 +460,11 @@ def test_lora_on_linear_q_proj_merges_and_exports_to_peft(tmp_path, tmp_path_fac
 def test_verify_reads_kimi_and_compares_logits(tmp_path, tmp_path_factory):
     """verify.py picks the MLA loader for model_type kimi_k2 and runs the HF side as DeepSeek-V3 for --logits."""
     from ckpt_lib.engine import verify
+    from ckpt_verify import cli
 
     _, _, path = tiny(tmp_path_factory, "kimi")
     convert_to_mcore("kimi", path, tmp_path / "mc")
     assert verify.detect_loader(path) == "hf_deepseek3"
     lines: list[str] = []
-    assert verify.compare_logits(path, tmp_path / "mc", 1e-4, lines.append), lines
+    assert cli.compare_logits(path, tmp_path / "mc", 1e-4, lines.append), lines
     assert "top-1 agreement 100.0%" in lines[0]

@@ -28,12 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def compare_logits(hf_dir: Path, mcore_dir: Path, atol: float, report: Any = print) -> bool:
-    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side."""
-    from transformers import AutoModelForCausalLM
+    """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side. transformers has no
+    Kimi-K2 class: it runs as the DeepSeek-V3 it is (as transformers' own Kimi-K2.5 config maps it)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
 
-    from ckpt_verify.mcore_runner import mcore_logits
+    from .mcore_runner import mcore_logits
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    config = DeepseekV3Config.from_dict({**cfg, "model_type": "deepseek_v3"}) if cfg.get("model_type") == "kimi_k2" else None
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
