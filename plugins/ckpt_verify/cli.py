@@ -9,6 +9,7 @@ Exit status 0 when every tensor (and the logits) agree within tolerance, 1 other
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
