@@ -113,6 +113,23 @@ def test_fused_and_in_memory_layouts_give_the_same_checkpoint(tmp_path, hf, pref
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 
 
+ROUND_TRIPS = {
+    "te_tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "te_grouped_gemm": ["--moe-grouped-gemm", "--target-expert-parallel-size", "2"],
+    "torch_dist": ["--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2"],
+    "uneven_pp": [*LOCAL, "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(ROUND_TRIPS))
+def test_more_layouts_round_trip_bit_exact(tmp_path, hf, layout):
+    """TE names, grouped experts, torch_dist and uneven pipeline stages: HF -> mcore -> HF gives the original."""
+    _, path = hf
+    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *ROUND_TRIPS[layout])
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
+    assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
+
+
 def test_config_rebuilt_from_the_checkpoint_flags(tmp_path, hf):
     """A checkpoint without the recorded HF config goes back to a Mixtral config.json built from its flags (no
     shared expert, no q/k norm, no qkv bias, renormalised top-k), which transformers runs as the original model."""

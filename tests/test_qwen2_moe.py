@@ -104,6 +104,23 @@ def test_dropped_shared_expert_gate_fails_parity_and_is_no_hf_family(tmp_path, t
     assert not (tmp_path / "back").exists()
 
 
+ROUND_TRIPS = {
+    "te_tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "te_grouped_gemm": ["--moe-grouped-gemm", "--target-expert-parallel-size", "2"],
+    "torch_dist": ["--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2"],
+    "uneven_pp": [*LOCAL, "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(ROUND_TRIPS))
+def test_more_layouts_round_trip_bit_exact(tmp_path, tmp_path_factory, layout):
+    """TE names, grouped experts, torch_dist and uneven pipeline stages: HF -> mcore -> HF gives the original."""
+    _, path = tiny(tmp_path_factory)
+    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *ROUND_TRIPS[layout])
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
+    assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
+
+
 def fuse_experts(src, dst):
     """The same checkpoint with transformers' in-memory expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
     from safetensors.torch import save_file
