@@ -64,6 +64,7 @@ def test_logits_match_transformers_and_round_trip(tmp_path, hf, layout):
     assert args.moe_layer_freq == [1, 1, 1, 1] and args.moe_ffn_hidden_size == 32 and args.num_query_groups == 2
     assert args.moe_shared_expert_intermediate_size is None and not args.moe_shared_expert_gate
     assert not args.add_qkv_bias and not args.qk_layernorm and not args.moe_router_enable_expert_bias
+    assert args.hf_model_type == "mixtral"
     d = diff(tmp_path / "mc", model)
     print(f"Mixtral {layout}: logits max abs diff {d:.2e}")
     assert d < 1e-4
@@ -131,15 +132,16 @@ def test_more_layouts_round_trip_bit_exact(tmp_path, hf, layout):
 
 
 def test_config_rebuilt_from_the_checkpoint_flags(tmp_path, hf):
-    """A checkpoint without the recorded HF config goes back to a Mixtral config.json built from its flags (no
-    shared expert, no q/k norm, no qkv bias, renormalised top-k), which transformers runs as the original model."""
+    """A checkpoint that recorded neither the HF config nor the family goes back to a Mixtral config.json built from
+    its flags (no shared expert, no q/k norm, no qkv bias, renormalised top-k), which transformers runs as the
+    original model."""
     from transformers import AutoModelForCausalLM
 
     model, path = hf
     convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *LOCAL)
     for f in (tmp_path / "mc").glob("*/mp_rank_*/model_optim_rng.pt"):
         state = torch.load(f, weights_only=False)
-        del state["args"].hf_config
+        del state["args"].hf_config, state["args"].hf_model_type
         torch.save(state, f)
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())

@@ -75,7 +75,7 @@ def test_logits_match_transformers_and_round_trip(tmp_path, tmp_path_factory, no
     assert args.moe_shared_expert_gate is True and args.moe_shared_expert_intermediate_size == 48 and args.add_qkv_bias
     assert args.moe_router_score_function == "softmax" and args.moe_router_pre_softmax is (not norm_topk_prob)
     assert args.moe_layer_freq == [0, 1, 1, 1] and args.moe_ffn_hidden_size == 32 and args.moe_router_topk == 2
-    assert not args.moe_router_enable_expert_bias and not args.qk_layernorm
+    assert not args.moe_router_enable_expert_bias and not args.qk_layernorm and args.hf_model_type == "qwen2_moe"
     names = {k for sd in read_mcore_dir(tmp_path / "mc").values() for k in sd}
     assert any(k.endswith("mlp.shared_experts.gate_weight") for k in names) and not any("expert_bias" in k for k in names)
     d = diff(tmp_path / "mc", model)
@@ -163,15 +163,15 @@ def test_fused_layout_and_release_config_give_the_same_checkpoint(tmp_path, tmp_
 
 
 def test_config_rebuilt_from_the_checkpoint_flags(tmp_path, tmp_path_factory):
-    """A checkpoint without the recorded HF config (e.g. args written by Megatron-LM's training) goes back to a
-    Qwen2-MoE config.json built from its flags, which transformers runs as the original model."""
+    """A checkpoint that recorded neither the HF config nor the family (args as Megatron-LM's training writes them)
+    goes back to a Qwen2-MoE config.json built from its flags, which transformers runs as the original model."""
     from transformers import AutoModelForCausalLM
 
     model, path = tiny(tmp_path_factory)
     convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *LOCAL)
 
     def forget_config(state):
-        del state["args"].hf_config
+        del state["args"].hf_config, state["args"].hf_model_type
 
     rewrite_args(tmp_path / "mc", forget_config)
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
