@@ -62,7 +62,7 @@ def test_logits_match_transformers_and_round_trip(tmp_path, hf, layout):
     args, _ = read_args(tmp_path / "mc")
     assert args.moe_router_score_function == "softmax" and args.moe_router_pre_softmax is False and args.moe_router_topk == 2
     assert args.moe_layer_freq == [1, 1, 1, 1] and args.moe_ffn_hidden_size == 32 and args.num_query_groups == 2
-    assert args.moe_shared_expert_intermediate_size is None and not args.moe_shared_expert_gate
+    assert args.moe_shared_expert_intermediate_size is None and not getattr(args, "moe_shared_expert_gate", False)
     assert not args.add_qkv_bias and not args.qk_layernorm and not args.moe_router_enable_expert_bias
     assert args.hf_model_type == "mixtral"
     d = diff(tmp_path / "mc", model)

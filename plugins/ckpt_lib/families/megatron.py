@@ -102,7 +102,8 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
                       "moe_router_score_function", "moe_router_enable_expert_bias"):
             setattr(args, field, getattr(md, field, None))
         args.moe_router_pre_softmax = bool(getattr(md, "moe_router_pre_softmax", False))
-        args.moe_shared_expert_gate = bool(getattr(md, "moe_shared_expert_gate", False))
+        if getattr(md, "moe_shared_expert_gate", False):  # Qwen2-MoE; absent is megatron-core's default, False
+            args.moe_shared_expert_gate = True
         args.moe_router_dtype = "fp32"
         args.moe_grouped_gemm = moe_grouped_gemm
         args.moe_tp_extend_ep = moe_tp_extend_ep
