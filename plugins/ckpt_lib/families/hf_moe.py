@@ -1,5 +1,5 @@
 """The HF MoE families with a softmax router and no MLA (Qwen3-MoE, Qwen2-MoE, Mixtral), one module each with
-the same interface: `MODEL_TYPE`, `ARCHITECTURE`, `metadata_from_hf` and `hf_tables` (read), `holds`, `check`,
+the same interface: `MODEL_TYPE`, `EXPERT_SIZE`, `metadata_from_hf` and `hf_tables` (read), `holds`, `check`,
 `layer_section`, `EXPERTS`, `check_config` and `hf_config_from_metadata` (write).
 
 The HF loader picks the family by config.json's `model_type`; the HF saver by the family the loader recorded

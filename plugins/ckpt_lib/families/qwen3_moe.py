@@ -20,7 +20,7 @@ from ..errors import ConversionError
 from ..transport import protocol as P
 from . import MoeTables, Op, Relation, Section, deepseek, dense
 
-MODEL_TYPE, ARCHITECTURE, EXPERT_SIZE = "qwen3_moe", "Qwen3MoeForCausalLM", "moe_intermediate_size"
+MODEL_TYPE, EXPERT_SIZE = "qwen3_moe", "moe_intermediate_size"
 
 
 def _split_gate_up(tensors: tuple[torch.Tensor, ...], md: Any) -> tuple[torch.Tensor, ...]:
