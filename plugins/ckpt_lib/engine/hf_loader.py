@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConversionError
 from ..families import Section, deepseek, dense, experts_to_protocol, glm4_moe, qwen3_moe, to_protocol
+from ..families.hf_moe import FAMILIES as SOFTMAX_MOE
 from ..io.safetensors_io import SafetensorsSource
 from ..transport import protocol as P
 from ..transport.runtime import progress
@@ -50,8 +51,9 @@ class Step:
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
-    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe", glm4_moe.MODEL_TYPE, *deepseek.V3_MODEL_TYPES,
-                                        *deepseek.V2_MODEL_TYPES]),
+    group.add_argument("--model-type-hf", type=str, default=None,
+                       choices=sorted([*dense.VARIANTS, *SOFTMAX_MOE, glm4_moe.MODEL_TYPE, *deepseek.V3_MODEL_TYPES,
+                                       *deepseek.V2_MODEL_TYPES]),
                        help="HF family (default: config.json model_type; MLA families are read by loader_hf_deepseek3)")
     group.add_argument("--experts-per-message", type=int, default=8, help="MoE: routed experts per protocol message")
     group.add_argument("--true-vocab-size", type=int, default=None,
@@ -184,12 +186,10 @@ def check_copy(source: SafetensorsSource, copy: str, original: str) -> None:
 
 
 def qwen3_moe_experts(source: SafetensorsSource, md: argparse.Namespace) -> Section:
-    """The experts' on-disk layout: per expert (what transformers 5 saves) or fused [E, ...] (its in-memory
-    parameters), decided by the first MoE layer; `validate` then holds every layer to it."""
-    prefix = f"model.layers.{md.first_k_dense_replace}.mlp.experts."
-    if prefix + "gate_up_proj" in source:
-        return qwen3_moe.FUSED_EXPERTS
-    return deepseek.EXPERTS
+    """The experts' on-disk layout shared by Qwen3-MoE, GLM-4.5 and the MLA family: per expert (what
+    transformers 5 saves) or fused [E, ...] (its in-memory parameters), decided by the first MoE layer;
+    `validate` then holds every layer to it."""
+    return qwen3_moe.hf_tables(md, source.__contains__).experts
 
 
 def glm4_moe_plan(source: SafetensorsSource, cfg: dict[str, Any], args: argparse.Namespace,
@@ -234,11 +234,12 @@ def load(queue: Any, args: argparse.Namespace) -> None:
         raise ConversionError(f"tensor {embed_name!r} is missing from the checkpoint")
     family, ignored = args.model_type_hf or cfg.get("model_type"), set()
     per_message = getattr(args, "experts_per_message", 8) or 8
-    if per_message < 1 and family in ("qwen3_moe", glm4_moe.MODEL_TYPE):
+    if per_message < 1 and family in (*SOFTMAX_MOE, glm4_moe.MODEL_TYPE):
         raise ConversionError("--experts-per-message must be >= 1")
-    if family == "qwen3_moe":
-        md = qwen3_moe.metadata_from_hf(cfg, source.dtype(embed_name))
-        plan = moe_plan(md, qwen3_moe.layer_section, qwen3_moe_experts(source, md), per_message)
+    if family in SOFTMAX_MOE:  # Qwen3-MoE, Qwen2-MoE, Mixtral: the on-disk expert layout decided by the file
+        md = SOFTMAX_MOE[family].metadata_from_hf(cfg, source.dtype(embed_name))
+        tables = SOFTMAX_MOE[family].hf_tables(md, source.__contains__)
+        plan = moe_plan(md, tables.layer_section, tables.experts, per_message)
     elif family == glm4_moe.MODEL_TYPE:
         md, plan, ignored = glm4_moe_plan(source, cfg, args, per_message)
     else:

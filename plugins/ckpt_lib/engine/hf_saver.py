@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..families import Section, deepseek, deepseek_v2, dense, experts_from_protocol, from_protocol, glm4_moe, qwen3_moe
+from ..families import Section, deepseek, deepseek_v2, dense, experts_from_protocol, from_protocol, glm4_moe, hf_moe
 from ..families.lora import LORA_A, LORA_B
 from ..io import fp8
 from ..io.manifest import Manifest
@@ -56,8 +56,9 @@ def layer_section(md: argparse.Namespace, layer: int) -> Section:
 
 
 def moe_family(md: argparse.Namespace) -> Any:
-    """The family module of an MoE checkpoint without MLA, chosen from its metadata (see `glm4_moe.is_glm4_moe`)."""
-    return glm4_moe if glm4_moe.is_glm4_moe(md) else qwen3_moe
+    """The family module of an MoE checkpoint without MLA, chosen from its metadata (see `glm4_moe.is_glm4_moe`,
+    `hf_moe.for_metadata`)."""
+    return glm4_moe if glm4_moe.is_glm4_moe(md) else hf_moe.for_metadata(md)
 
 
 def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
@@ -69,8 +70,6 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         cfg = json.loads(path.read_text())
     elif getattr(md, "hf_config", None):
         cfg = dict(md.hf_config)
-    elif md.num_experts and not getattr(md, "multi_latent_attention", False) and moe_family(md) is qwen3_moe:
-        raise ConversionError("Qwen3-MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
@@ -78,8 +77,8 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         if getattr(md, "multi_latent_attention", False):  # DeepSeek-V3 (sigmoid router) or -V2 (softmax), rope_scaling from the metadata
             softmax = md.moe_router_score_function == "softmax"
             rebuild = deepseek_v2.hf_config_from_metadata if softmax else deepseek.hf_config_from_metadata
-        else:  # an MoE model without MLA reaching here is GLM-4.5 (Qwen3-MoE was refused above)
-            rebuild = glm4_moe.hf_config_from_metadata if md.num_experts else dense.hf_config_from_metadata
+        else:  # an MoE model without MLA: its family's (Qwen3-MoE's refuses: it needs --hf-config-dir)
+            rebuild = moe_family(md).hf_config_from_metadata if md.num_experts else dense.hf_config_from_metadata
         cfg = rebuild(md, vocab)
     for hf_key, md_key in CONFIG_CHECKS:
         if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
@@ -179,6 +178,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         raise ConversionError(f"rotary_percent {md.rotary_percent} (partial rotary) has no place in this family's config.json")
     if family is not None:
         family.check(md)
+    experts_out = family.EXPERTS if family is not None else deepseek.EXPERTS  # written per expert, in the family's names
     check_target(args.save_dir, args.overwrite)
     cfg = output_config(args, md)
     if family is not None:
@@ -217,7 +217,7 @@ def save(queue: Any, args: argparse.Namespace) -> None:
             emit(msg, section, layer)
             if P.is_moe_layer(md, layer):
                 for first, experts in P.receive_experts(reader, message, md):
-                    for name, tensor in experts_from_protocol(deepseek.EXPERTS, experts, md, layer, first).items():
+                    for name, tensor in experts_from_protocol(experts_out, experts, md, layer, first).items():
                         add(name, tensor)
 
         emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)

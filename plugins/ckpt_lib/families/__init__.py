@@ -188,3 +188,18 @@ def experts_from_protocol(section: Section, msg: dict[str, Any], md: Any, layer:
         for offset, tensor in enumerate(take(msg, rel.keys[0])):
             out[prefix + rel.source[0].format(expert=first + offset)] = tensor
     return out
+
+
+@dataclass(frozen=True)
+class MoeTables:
+    """An HF MoE family's tables for one checkpoint: its MoE and dense decoder layers and its routed experts
+    (the on-disk expert layout a loader found, or the one a saver writes)."""
+
+    moe_layer: Section
+    dense_layer: Section
+    experts: Section
+
+    def layer_section(self, md: Any, layer: int) -> Section:
+        from ..transport.protocol import is_moe_layer
+
+        return self.moe_layer if is_moe_layer(md, layer) else self.dense_layer

@@ -26,6 +26,7 @@ MOE_LAYER = Section(None, dense.LAYER.prefix, ATTENTION + deepseek.MOE)
 DENSE_LAYER = dense.LAYER
 MTP_LAYER = Section(None, dense.LAYER.prefix, deepseek.MTP_EXTRA + ATTENTION + deepseek.MOE)
 MTP_COPIES = deepseek.MTP_COPIES
+EXPERTS = deepseek.EXPERTS  # written per expert, as transformers 5 saves
 
 # transformers 5.23's Glm4MoeConfig defaults, for keys a config.json may leave out (save_pretrained writes
 # them all; hand-written configs and older releases may not). `partial_rotary_factor` 0.5 is its default too.

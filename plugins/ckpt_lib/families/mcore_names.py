@@ -80,7 +80,7 @@ def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
 
 def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
     """The MLP of one layer without its routed experts: dense MLP, or router (+ expert bias, + shared
-    expert, each only when the metadata says the model has it)."""
+    expert, + its sigmoid gate, each only when the metadata says the model has it)."""
     if moe:  # the TE spec keeps pre_mlp_layernorm separate for MoE layers
         return (
             Param("pre_mlp_layernorm.weight", (P.POST_NORM_W,), REPLICATED),
@@ -88,6 +88,7 @@ def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
             Param("mlp.router.expert_bias", (P.ROUTER_BIAS,), REPLICATED, ("moe_router_enable_expert_bias",), fp32=True),
             Param("mlp.shared_experts.linear_fc1.weight", (P.SHARED_FC1_GATE_W, P.SHARED_FC1_UP_W), GATED, (SHARED,)),
             Param("mlp.shared_experts.linear_fc2.weight", (P.SHARED_FC2_W,), ROW, (SHARED,)),
+            Param("mlp.shared_experts.gate_weight", (P.SHARED_GATE_W,), REPLICATED, (SHARED, "moe_shared_expert_gate")),
         )
     norm = "mlp.linear_fc1.layer_norm_" if impl == TE else "pre_mlp_layernorm."
     return (

@@ -19,7 +19,7 @@ from . import rope_scaling
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 MOE_FIELDS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups",
               "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_score_function",
-              "moe_router_enable_expert_bias", "moe_router_pre_softmax")
+              "moe_router_enable_expert_bias", "moe_router_pre_softmax", "moe_shared_expert_gate")
 
 
 def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_vocab_size: int | None,
@@ -102,6 +102,8 @@ def megatron_args(md: argparse.Namespace, *, tp: int, pp: int, ep: int, padded_v
                       "moe_router_score_function", "moe_router_enable_expert_bias"):
             setattr(args, field, getattr(md, field, None))
         args.moe_router_pre_softmax = bool(getattr(md, "moe_router_pre_softmax", False))
+        if getattr(md, "moe_shared_expert_gate", False):  # Qwen2-MoE; absent is megatron-core's default, False
+            args.moe_shared_expert_gate = True
         args.moe_router_dtype = "fp32"
         args.moe_grouped_gemm = moe_grouped_gemm
         args.moe_tp_extend_ep = moe_tp_extend_ep

@@ -4,19 +4,23 @@ transformers 5 holds the experts fused in memory (`mlp.experts.gate_up_proj` [E,
 first, and `mlp.experts.down_proj` [E, H, I]) but saves them per expert (`mlp.experts.{e}.gate_proj.weight`,
 ...), the DeepSeek-V3 names, so `deepseek.EXPERTS` serves both; `FUSED_EXPERTS` reads checkpoints that
 carry the in-memory layout. No shared expert, no router bias. Dense layers (`mlp_only_layers`,
-`decoder_sparse_step`) are `dense.LAYER` with `intermediate_size`.
+`decoder_sparse_step`) are `dense.LAYER` with `intermediate_size`. Its metadata builder, router rules and
+config checks serve Qwen2-MoE and Mixtral too; `hf_moe` picks among the three.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import ConversionError
 from ..transport import protocol as P
-from . import Op, Relation, Section, dense
+from . import MoeTables, Op, Relation, Section, deepseek, dense
+
+MODEL_TYPE, EXPERT_SIZE = "qwen3_moe", "moe_intermediate_size"
 
 
 def _split_gate_up(tensors: tuple[torch.Tensor, ...], md: Any) -> tuple[torch.Tensor, ...]:
@@ -35,16 +39,13 @@ GATE_UP = Op("gate-up-split", _split_gate_up, _join_gate_up)
 
 ATTENTION = tuple(r for r in dense.LAYER.relations if not r.source[0].startswith("mlp."))
 LAYER = Section(None, dense.LAYER.prefix, ATTENTION + (Relation(("mlp.gate.weight",), (P.ROUTER_W,)),))
-DENSE_LAYER = dense.LAYER
 # Stacked over all experts: a relation without `{expert}` is read as one [E, ...] tensor, sliced per message.
 FUSED_EXPERTS = Section(None, dense.LAYER.prefix, (
     Relation(("mlp.experts.gate_up_proj",), (P.FC1_GATE_W, P.FC1_UP_W), GATE_UP),
     Relation(("mlp.experts.down_proj",), (P.FC2_W,)),
 ))
-
-
-def layer_section(md: argparse.Namespace, layer: int) -> Section:
-    return LAYER if P.is_moe_layer(md, layer) else DENSE_LAYER
+TABLES, FUSED_TABLES = MoeTables(LAYER, dense.LAYER, deepseek.EXPERTS), MoeTables(LAYER, dense.LAYER, FUSED_EXPERTS)
+EXPERTS = TABLES.experts  # written per expert, as transformers 5 saves
 
 
 def first_dense_layers(cfg: dict[str, Any]) -> int:
@@ -62,33 +63,34 @@ def first_dense_layers(cfg: dict[str, Any]) -> int:
     return k
 
 
-def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype) -> argparse.Namespace:
-    """Protocol metadata for a Qwen3-MoE config.json; refuses what megatron-core cannot express.
+def moe_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, family: str, dense_family: str, expert_size: str,
+                 norm_topk: bool, norm_why: str = "norm_topk_prob true") -> argparse.Namespace:
+    """Protocol metadata for a softmax top-k MoE over routed experts on `dense_family`'s attention (HF `family`:
+    Qwen3-MoE, Qwen2-MoE, Mixtral); `expert_size` names the config field of an expert's width, `norm_why` what
+    makes the router renormalise. Refuses what megatron-core cannot express.
 
-    Router: transformers takes softmax over all experts, then the top k, then (`norm_topk_prob`) divides
+    Router: transformers takes softmax over all experts, then the top k, then (`norm_topk`) divides
     by their sum. megatron-core's `softmax` score function with `moe_router_pre_softmax=False` takes the top
-    k logits and a softmax over those k, the same renormalised weights; `norm_topk_prob: false` is
+    k logits and a softmax over those k, the same renormalised weights; without renormalisation it is
     `moe_router_pre_softmax=True` (softmax over all, then top k, not renormalised)."""
     experts = cfg.get("num_experts", cfg.get("num_local_experts"))
-    need = {"num_experts": experts, "num_experts_per_tok": cfg.get("num_experts_per_tok"),
-            "moe_intermediate_size": cfg.get("moe_intermediate_size")}
+    need = {"num_experts": experts, "num_experts_per_tok": cfg.get("num_experts_per_tok"), expert_size: cfg.get(expert_size)}
     missing = [k for k, v in need.items() if v is None]
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(missing)}")
     if experts < 1:
-        raise ConversionError(f"config.json: num_experts {experts}: a model without experts is a dense Qwen3 (model_type qwen3)")
-    topk, norm_topk = cfg["num_experts_per_tok"], bool(cfg.get("norm_topk_prob", False))
+        raise ConversionError(f"config.json: num_experts {experts}: a model without experts is a dense {dense_family} "
+                              f"(model_type {dense_family})")
+    topk = cfg["num_experts_per_tok"]
     if not 1 <= topk <= experts:
         raise ConversionError(f"config.json: num_experts_per_tok {topk} is not in 1..num_experts {experts}")
     if topk == 1 and norm_topk:
-        raise ConversionError("config.json: num_experts_per_tok 1 with norm_topk_prob true (every weight 1) has no megatron-core "
+        raise ConversionError(f"config.json: num_experts_per_tok 1 with {norm_why} (every weight 1) has no megatron-core "
                               "equivalent (its softmax after a top-1 is refused)")
-    if cfg.get("use_sliding_window"):
-        raise ConversionError("config.json: use_sliding_window true is not supported (megatron-core GPT attends to all tokens)")
     first_k = first_dense_layers(cfg)
-    md = dense.metadata_from_hf(cfg, params_dtype, "qwen3")
-    md.num_experts = experts
-    md.moe_ffn_hidden_size, md.moe_shared_expert_intermediate_size = cfg["moe_intermediate_size"], None
+    md = dense.metadata_from_hf(cfg, params_dtype, dense_family)
+    md.hf_model_type, md.num_experts = family, experts
+    md.moe_ffn_hidden_size, md.moe_shared_expert_intermediate_size = cfg[expert_size], None
     md.first_k_dense_replace, md.moe_router_topk = first_k, topk
     md.moe_router_num_groups = md.moe_router_group_topk = md.moe_router_topk_scaling_factor = None
     md.moe_router_score_function, md.moe_router_pre_softmax = "softmax", not norm_topk
@@ -96,16 +98,72 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype) -> argparse
     return md
 
 
+def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype) -> argparse.Namespace:
+    """Protocol metadata for a Qwen3-MoE config.json (`norm_topk_prob` renormalises the top-k weights)."""
+    if cfg.get("use_sliding_window"):
+        raise ConversionError("config.json: use_sliding_window true is not supported (megatron-core GPT attends to all tokens)")
+    return moe_metadata(cfg, params_dtype, MODEL_TYPE, "qwen3", EXPERT_SIZE, bool(cfg.get("norm_topk_prob", False)))
+
+
+def hf_tables(md: argparse.Namespace, has: Callable[[str], bool]) -> MoeTables:
+    """The experts' on-disk layout: per expert (what transformers 5 saves) or fused [E, ...] (its in-memory
+    parameters), decided by the first MoE layer; the loader's validation then holds every layer to it."""
+    fused = has(f"model.layers.{md.first_k_dense_replace}.mlp.experts.gate_up_proj")
+    return FUSED_TABLES if fused else TABLES
+
+
+def layer_section(md: argparse.Namespace, layer: int) -> Section:
+    return TABLES.layer_section(md, layer)
+
+
+def plain_softmax_router(md: argparse.Namespace) -> bool:
+    """A softmax top-k router without groups, scaling factor or expert bias, the only router of these HF families."""
+    return (getattr(md, "moe_router_score_function", None) in (None, "softmax") and not getattr(md, "moe_router_enable_expert_bias", False)
+            and not getattr(md, "moe_router_num_groups", None) and not getattr(md, "moe_router_topk_scaling_factor", None))
+
+
+def flags(md: argparse.Namespace) -> str:
+    """The settings that tell these families apart, for error lines."""
+    named = {"q/k norm": md.qk_layernorm, "qkv bias": md.qkv_bias,
+             "shared expert": getattr(md, "moe_shared_expert_intermediate_size", None),
+             "shared-expert gate": getattr(md, "moe_shared_expert_gate", False),
+             "router": getattr(md, "moe_router_score_function", None), "pre-softmax": getattr(md, "moe_router_pre_softmax", False),
+             "expert bias": getattr(md, "moe_router_enable_expert_bias", False), "groups": getattr(md, "moe_router_num_groups", None),
+             "scaling factor": getattr(md, "moe_router_topk_scaling_factor", None),
+             "dense layers": getattr(md, "first_k_dense_replace", 0)}
+    return ", ".join(f"{k} {v}" for k, v in named.items())
+
+
+def holds(md: argparse.Namespace) -> bool:
+    """The checkpoint's flags are Qwen3-MoE's: q/k norm, routed experts only."""
+    return bool(md.qk_layernorm) and not getattr(md, "moe_shared_expert_intermediate_size", None) and plain_softmax_router(md)
+
+
+def check(md: argparse.Namespace) -> None:
+    """What a qwen3_moe config.json cannot say about a checkpoint."""
+    if not holds(md):
+        raise ConversionError(f"the checkpoint ({flags(md)}) is not a Qwen3-MoE (q/k norm, softmax router, routed experts only)")
+
+
+def check_moe_config(cfg: dict[str, Any], md: argparse.Namespace, family: str, expert_size: str) -> None:
+    """The output config.json must be of the checkpoint's family, with its experts, top-k and expert width."""
+    if cfg.get("model_type", family) != family:
+        raise ConversionError(f"config.json model_type {cfg['model_type']!r} is not {family} (the checkpoint's family)")
+    for key, got, want in (("num_experts", cfg.get("num_experts", cfg.get("num_local_experts")), md.num_experts),
+                           ("num_experts_per_tok", cfg.get("num_experts_per_tok"), md.moe_router_topk),
+                           (expert_size, cfg.get(expert_size), md.moe_ffn_hidden_size)):
+        if got is not None and got != want:
+            raise ConversionError(f"config.json {key}={got} disagrees with the checkpoint's {want}")
+
+
 def check_config(cfg: dict[str, Any], md: argparse.Namespace) -> None:
     """The output config.json's router must be the checkpoint's (`moe_router_pre_softmax` = not `norm_topk_prob`)."""
+    check_moe_config(cfg, md, MODEL_TYPE, EXPERT_SIZE)
     pre = getattr(md, "moe_router_pre_softmax", None)
     if pre is not None and bool(cfg.get("norm_topk_prob", False)) == bool(pre):
         raise ConversionError(f"config.json norm_topk_prob={cfg.get('norm_topk_prob', False)} disagrees with the checkpoint's "
                               f"moe_router_pre_softmax={pre}")
 
 
-def check(md: argparse.Namespace) -> None:
-    """An MoE model without MLA is written as Qwen3-MoE, which has nowhere to put these."""
-    extra = [f for f in ("moe_shared_expert_intermediate_size", "moe_router_enable_expert_bias") if getattr(md, f, None)]
-    if extra:
-        raise ConversionError(f"MoE without MLA is saved as Qwen3-MoE, which has no {' / '.join(extra)}")
+def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    raise ConversionError("Qwen3-MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")

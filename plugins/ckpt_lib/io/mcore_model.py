@@ -139,6 +139,8 @@ def transformer_config(args: argparse.Namespace, layout: list[list[str]] | None)
                      sequence_parallel=False)  # the local spec's torch norms cannot run sequence-parallel
         if "moe_router_pre_softmax" in config_fields(cls):  # Qwen3-MoE norm_topk_prob false: softmax over all, then top k
             extra["moe_router_pre_softmax"] = bool(getattr(args, "moe_router_pre_softmax", False))
+        if getattr(args, "moe_shared_expert_gate", False):  # Qwen2-MoE: sigmoid gate on the shared expert
+            extra["moe_shared_expert_gate"] = True
     if getattr(args, "mtp_num_layers", None):
         # The loss scale only weighs the MTP loss (not the logits); 0.12's config has no default for it.
         scale = getattr(args, "mtp_loss_scaling_factor", None)

@@ -10,10 +10,11 @@ metadata so upstream savers never see a key they do not expect unless the model 
 - `md.rope_scaling`: None (plain RoPE) or MLA's YaRN parameters (see rope_scaling.py);
 - `md.rotary_percent` (Megatron's `--rotary-percent`, absent: 1.0): RoPE on the first fraction of each
   head's dimensions (GLM-4.5's `partial_rotary_factor`);
-- `md.hf_model_type` (absent: None): the HF family the loader read (`glm4_moe`), so that `saver_hf`
-  writes the same family back when no HF config travels with the checkpoint;
+- `md.hf_model_type` (absent: None): the HF family the loader read (`glm4_moe`, `qwen3_moe`, `qwen2_moe`,
+  `mixtral`), so that `saver_hf` writes the same family back when no HF config travels with the checkpoint;
 - MoE layers without shared experts (`md.moe_shared_expert_intermediate_size` None) or without a
-  router expert bias (`md.moe_router_enable_expert_bias` False) carry no such keys.
+  router expert bias (`md.moe_router_enable_expert_bias` False) carry no such keys; a shared expert
+  with a sigmoid gate (`md.moe_shared_expert_gate`, Qwen2-MoE) adds `shared gate weight` [1, hidden].
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ KV_DOWN_W, KV_DOWN_NORM_W, KV_UP_W = "kv down weight", "kv down norm weight", "k
 # MoE: router, shared expert, routed experts (stacked [count, out, in] in FC1_GATE_W/FC1_UP_W/FC2_W).
 ROUTER_W, ROUTER_BIAS = "router weight", "router expert bias"
 SHARED_FC1_GATE_W, SHARED_FC1_UP_W, SHARED_FC2_W = "shared mlp l0 weight W", "shared mlp l0 weight V", "shared mlp l1 weight"
+SHARED_GATE_W = "shared gate weight"
 FIRST_EXPERT = "first expert"
 # Multi-token prediction layer (its transformer layer uses the layer keys above).
 MTP_ENORM_W, MTP_HNORM_W, MTP_EH_PROJ_W, MTP_NORM_W = "enorm weight", "hnorm weight", "eh proj weight", "mtp norm weight"
@@ -259,6 +261,8 @@ def layer_shapes(md: argparse.Namespace, layer: int = 0) -> dict[str, tuple[int,
             shapes[ROUTER_BIAS] = (e,)
         if f:  # MoE without shared experts (Qwen3-MoE) has none
             shapes.update({SHARED_FC1_GATE_W: (f, h), SHARED_FC1_UP_W: (f, h), SHARED_FC2_W: (h, f)})
+            if getattr(md, "moe_shared_expert_gate", False):
+                shapes[SHARED_GATE_W] = (1, h)
         return shapes
     f = md.ffn_hidden_size
     shapes[FC2_W] = (h, f)
