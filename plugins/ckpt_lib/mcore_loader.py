@@ -27,6 +27,7 @@ from .mindspeed import is_mindspeed
 from .naming_profile import NamingProfile
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
 from .runtime import progress
+from .safetensors_io import empty_shared
 from .sharding import COLUMN, GATED, gather
 from .shares import layers_to_send
 from .torch_dist import is_torch_dist
@@ -74,6 +75,11 @@ class RankFiles:
         if (tp, pp, ep) not in self._open:
             self._open[(tp, pp, ep)] = load_rank_file(self.grid[(tp, pp, ep)])
         return self._open[(tp, pp, ep)]
+
+    def release(self, pp: int) -> None:
+        """Forget (unmap) the files of pipeline stage `pp`."""
+        for key in [k for k in self._open if k[1] == pp]:
+            del self._open[key]
 
     def chunks(self, tp: int, pp: int, ep: int = 0) -> list[dict[str, Any]]:
         ckpt = self.file(tp, pp, ep)
@@ -290,7 +296,7 @@ class McoreLoader:
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
             rule = COLUMN if param.rule == VOCAB else param.rule
-            full = gather(shards, rule, name)
+            full = gather(shards, rule, name, empty_shared)
             module = name.removesuffix(".weight")
             if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
                 full = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
@@ -308,8 +314,19 @@ class McoreLoader:
         for first in range(0, self.md.num_experts, self.experts_per_message):
             experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
             parts = [self._gather_expert(e, seg, placement.experts) for e in experts]
-            stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+            stacked = {k: torch.stack([p[k] for p in parts], out=empty_shared((len(parts), *parts[0][k].shape), parts[0][k].dtype))
+                       for k in parts[0]}
             queue.put({"name": P.experts_message(placement.message), P.FIRST_EXPERT: first, **stacked})
+
+    def _release(self, pp: int) -> None:
+        """Unmap a pipeline stage's rank files once sent: the pages read from a memory-mapped file count in this
+        process's memory while it is mapped, and would add up to the whole checkpoint by the end."""
+        for files in (self.files, self.lora_files):
+            if files is not None:
+                files.release(pp)
+        for cache in (self._chunks, self._adapters):
+            for key in [k for k in cache if k[1] == pp]:
+                del cache[key]
 
     def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
         a, b = gather_adapter(adapter_shards, rule, module)
@@ -357,8 +374,11 @@ class McoreLoader:
         optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
         P.send_metadata(queue, md, self.args)
         placements = list(self.plan.placements(md.share_layers))
-        for placement in progress(placements, len(placements), "loader_core_ext"):
+        last = {p.segment.pp_rank: i for i, p in enumerate(placements)}  # the last message each stage's files serve
+        for i, placement in enumerate(progress(placements, len(placements), "loader_core_ext")):
             self._send(queue, placement)
+            if last[placement.segment.pp_rank] == i:
+                self._release(placement.segment.pp_rank)
         if optim is not None:
             queue.put(optim)
         queue.put(P.DONE)
