@@ -238,10 +238,11 @@ def save(queue: Any, args: argparse.Namespace) -> None:
 
     with StagedDir(args.save_dir, args.overwrite) as staged:
         manifest = Manifest(not getattr(args, "no_checksums", False))
-        writer = ShardedWriter(staged.path, plan(), parse_size(args.max_shard_size), manifest.checksums, replan=plan)
-        if write_weights(reader, md, vocab, block, writer) is not None:
-            print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
-        for path, (tensors, finished) in writer.close().items():
+        with ShardedWriter(staged.path, plan(), parse_size(args.max_shard_size), manifest.checksums, replan=plan) as writer:
+            if write_weights(reader, md, vocab, block, writer) is not None:
+                print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
+            shards = writer.close()
+        for path, (tensors, finished) in shards.items():
             summary.add_file(path.stat().st_size)
             manifest.record(path.name, tensors)
             manifest.checksum_from(path, finished)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .lora import LORA_A, LORA_B, LoraOptions, check_options, gather_adapter, me
 from .mcore_names import VOCAB, Param, detect_impl
 from .mcore_plan import Placement, RankFilePlan
 from .mcore_version import detect_mtp_submodule
-from .megatron_io import find_iteration_dir, load_rank_file, rank_grid
+from .megatron_io import FileMaps, find_iteration_dir, load_rank_file, rank_grid
 from .mindspeed import is_mindspeed
 from .naming_profile import NamingProfile
 from .pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
@@ -70,16 +70,13 @@ class RankFiles:
         self.pp = 1 + max(k[1] for k in grid)
         self.ep = 1 + max(k[2] for k in grid)
         self._open: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.maps = FileMaps()
 
     def file(self, tp: int, pp: int, ep: int = 0) -> dict[str, Any]:
         if (tp, pp, ep) not in self._open:
             self._open[(tp, pp, ep)] = load_rank_file(self.grid[(tp, pp, ep)])
+            self.maps.add(self.grid[(tp, pp, ep)])
         return self._open[(tp, pp, ep)]
-
-    def release(self, pp: int) -> None:
-        """Forget (unmap) the files of pipeline stage `pp`."""
-        for key in [k for k in self._open if k[1] == pp]:
-            del self._open[key]
 
     def chunks(self, tp: int, pp: int, ep: int = 0) -> list[dict[str, Any]]:
         ckpt = self.file(tp, pp, ep)
@@ -205,6 +202,7 @@ class McoreLoader:
         self.tp_extend = bool(getattr(cargs, "moe_tp_extend_ep", False))
         self.te_grouped = self.impl == "transformer_engine" and any(".mlp.experts.linear_fc1.weight" in n for n in raw_names)
         self._chunks: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+        self._read: list[torch.Tensor] = []  # rank-file tensors read for the message being built
         self._adapters: dict[tuple[int, int, int], list[dict[str, dict[str, torch.Tensor]]]] = {}
         self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
         self.lora_files = self._lora_files(args.lora_load, f)
@@ -288,15 +286,17 @@ class McoreLoader:
             raise ConversionError("LoRA options given, but the checkpoint holds no LoRA adapters")
 
     def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
-                **fmt: int) -> dict[str, torch.Tensor]:
-        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged."""
+                empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = empty_shared, **fmt: int) -> dict[str, torch.Tensor]:
+        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged, joined into
+        `empty` (shared memory for the queue; None for experts, which are stacked into it next)."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
             name = prefix + param.name.format(**fmt)
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
+            self._read += shards
             rule = COLUMN if param.rule == VOCAB else param.rule
-            full = gather(shards, rule, name, empty_shared)
+            full = gather(shards, rule, name, empty)
             module = name.removesuffix(".weight")
             if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
                 full = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
@@ -309,6 +309,7 @@ class McoreLoader:
         for group in placement.groups:
             msg.update(self._gather(group.params, seg, group.prefix))
         queue.put({"name": placement.message, **msg})
+        self._copied()
         if placement.experts is None:
             return
         for first in range(0, self.md.num_experts, self.experts_per_message):
@@ -317,16 +318,13 @@ class McoreLoader:
             stacked = {k: torch.stack([p[k] for p in parts], out=empty_shared((len(parts), *parts[0][k].shape), parts[0][k].dtype))
                        for k in parts[0]}
             queue.put({"name": P.experts_message(placement.message), P.FIRST_EXPERT: first, **stacked})
+            self._copied()
 
-    def _release(self, pp: int) -> None:
-        """Unmap a pipeline stage's rank files once sent: the pages read from a memory-mapped file count in this
-        process's memory while it is mapped, and would add up to the whole checkpoint by the end."""
-        for files in (self.files, self.lora_files):
-            if files is not None:
-                files.release(pp)
-        for cache in (self._chunks, self._adapters):
-            for key in [k for k in cache if k[1] == pp]:
-                del cache[key]
+    def _copied(self) -> None:
+        """The rank-file tensors read for the message just sent were copied into it: their pages leave this
+        process's memory (a memory-mapped page read counts in it until unmapped: a whole stage by its end)."""
+        self.files.maps.drop_pages(self._read)
+        self._read = []
 
     def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
         a, b = gather_adapter(adapter_shards, rule, module)
@@ -337,7 +335,7 @@ class McoreLoader:
 
     def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         slot = self.plan.expert_slot(expert)
-        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, expert=slot.local)
+        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, None, expert=slot.local)
 
     def _gather_adapters(self, params: Iterable[Param], seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         """Protocol keys '<key> lora A' / '<key> lora B' of the adapted parameters (TP-gathered)."""
@@ -374,11 +372,8 @@ class McoreLoader:
         optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
         P.send_metadata(queue, md, self.args)
         placements = list(self.plan.placements(md.share_layers))
-        last = {p.segment.pp_rank: i for i, p in enumerate(placements)}  # the last message each stage's files serve
-        for i, placement in enumerate(progress(placements, len(placements), "loader_core_ext")):
+        for placement in progress(placements, len(placements), "loader_core_ext"):
             self._send(queue, placement)
-            if last[placement.segment.pp_rank] == i:
-                self._release(placement.segment.pp_rank)
         if optim is not None:
             queue.put(optim)
         queue.put(P.DONE)

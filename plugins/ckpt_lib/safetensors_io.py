@@ -475,6 +475,13 @@ class ShardedWriter:
         self.file: BlockFile | None = None
         self.done: list[tuple[Path, dict[str, Spec], Future[str | None]]] = []
 
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None and self.file is not None:
+            self.file.discard()  # a failed conversion: the open file's buffer back to the pool
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.add_together({name: tensor})
 
