@@ -258,3 +258,26 @@ def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkey
     monkeypatch.setattr(hf_saver, "Observed", lambda _: export_plan.Observed(8))
     convert_inprocess("hf_deepseek3", "hf", tmp_path / "ds", tmp_path / "wrong", *flags)
     assert replans and weights(tmp_path / "wrong") == weights(tmp_path / "right")
+
+
+def test_rank_file_pages_leave_the_loader_once_copied(tmp_path):
+    """loader_core_ext drops the pages of rank-file tensors it has copied into a message (a mapped page read
+    counts in its memory until unmapped); the tensor reads the same after, other memory is never touched."""
+    from ckpt_lib.megatron_io import FileMaps, load_rank_file
+
+    def file_pages() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+    torch.save({"model": {"w": torch.randn(2048, 1024), "b": torch.randn(1000)}}, tmp_path / "rank.pt")
+    w = load_rank_file(tmp_path / "rank.pt")["model"]["w"]
+    maps = FileMaps()
+    maps.add(tmp_path / "rank.pt")
+    if not maps.ranges:
+        pytest.skip("no /proc/self/maps or madvise here")
+    anonymous = torch.randn(1000)
+    expected, kept = w.clone(), anonymous.clone()  # w's 8 MB read through the map
+    mapped = file_pages()
+    maps.drop_pages([w, anonymous])
+    assert mapped - file_pages() >= 7 << 20
+    assert torch.equal(w, expected) and torch.equal(anonymous, kept)

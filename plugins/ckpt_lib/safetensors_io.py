@@ -506,11 +506,12 @@ class ShardedWriter:
             return self.shards[self.index][self.position]
         return self.shards[self.index + 1][0] if self.index + 1 < len(self.shards) else {}
 
-    def _path(self, index: int) -> Path:
-        return self.directory / f".shard-{index:05d}.tmp"
+    def _path(self) -> Path:
+        """The open shard's file until `close` names it."""
+        return self.directory / f".shard-{self.index:05d}.tmp"
 
     def _open(self, shard: list[Group]) -> BlockFile:
-        f = BlockFile(self._path(self.index), self.checksum)
+        f = BlockFile(self._path(), self.checksum)
         f.write(encode_header({n: t for group in shard for n, t in group.items()}))
         return f
 
@@ -520,7 +521,7 @@ class ShardedWriter:
         if self.file is None:
             self.file = self._open([])  # no tensors at all: one empty file, as save_pretrained writes
         _, finished = self.file.close()
-        self.done.append((self._path(self.index), {n: t for g in self.shards[self.index] for n, t in g.items()}, finished))
+        self.done.append((self._path(), {n: t for g in self.shards[self.index] for n, t in g.items()}, finished))
         self.file, self.index, self.position, self.written = None, self.index + 1, 0, 0
 
     def _replan(self, group: Group) -> None:
@@ -539,10 +540,10 @@ class ShardedWriter:
     def _rewrite(self) -> None:
         """Write the open shard again under its new header, its data so far copied from the old file."""
         assert self.file is not None
-        old = self._path(self.index).with_suffix(".old")
+        old = self._path().with_suffix(".old")
         size, finished = self.file.close()
         finished.result()
-        os.replace(self._path(self.index), old)
+        os.replace(self._path(), old)
         self.file = self._open(self.shards[self.index])
         chunk = torch.empty(BLOCK, dtype=torch.uint8)
         with open(old, "rb") as f:
