@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from ckpt_lib.safetensors_io import write_file  # noqa: E402
+from ckpt_lib.io.safetensors_io import write_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_args, measure_conversion  # noqa: E402

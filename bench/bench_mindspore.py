@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_args, measure_conversion  # noqa: E402
 
-from ckpt_lib.safetensors_io import write_file  # noqa: E402
+from ckpt_lib.io.safetensors_io import write_file  # noqa: E402
 
 HIDDEN, FFN, HEADS, GROUPS, VOCAB = 2048, 5632, 16, 4, 32000
 

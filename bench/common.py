@@ -102,9 +102,11 @@ def raw_floor(src: Path, out_bytes: int, scratch: Path, direct: bool = False, pa
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_args(doc: str, size_gb: float, workdir: str) -> argparse.Namespace:
+def bench_args(doc: str, size_gb: float, workdir: str, fp8: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gb", type=float, default=size_gb)
+    parser.add_argument("--size-gb", type=float, default=size_gb, help="Size of the generated input")
+    if fp8:
+        parser.add_argument("--fp8", action="store_true", help="Generate DeepSeek's FP8 release layout (block 128) instead of bf16")
     parser.add_argument("--workdir", type=Path, default=Path(workdir))
     parser.add_argument("--keep", action="store_true", help="Keep the generated model and output")
     args = parser.parse_args()

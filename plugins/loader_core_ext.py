@@ -3,8 +3,8 @@
 A plugin for Megatron-LM's tools/checkpoint/convert.py (and this project's convert.py).
 """
 
-from ckpt_lib import mcore_loader
-from ckpt_lib.runtime import run_loader
+from ckpt_lib.engine import mcore_loader
+from ckpt_lib.transport.runtime import run_loader
 
 
 def add_arguments(parser):

@@ -3,8 +3,8 @@
 A plugin for Megatron-LM's tools/checkpoint/convert.py (and this project's convert.py).
 """
 
-from ckpt_lib import hf_saver
-from ckpt_lib.runtime import run_saver
+from ckpt_lib.engine import hf_saver
+from ckpt_lib.transport.runtime import run_saver
 
 
 def add_arguments(parser):

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from ckpt_verify.mcore_runner import TRACKER, free_port, load_rank_models, read_args
 from torch.overrides import TorchFunctionMode
 
-from ckpt_lib.mcore_model import layout_names, on_cpu, stage_layout, transformer_config
+from ckpt_lib.io.mcore_model import layout_names, on_cpu, stage_layout, transformer_config
 
 
 class CudaAsCpu(TorchFunctionMode):

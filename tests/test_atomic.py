@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from ckpt_lib import manifest
+from ckpt_lib.io import manifest
 from util import ROOT, make_hf_model
 
 

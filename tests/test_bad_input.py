@@ -221,7 +221,7 @@ def test_fuzzed_headers_fail_cleanly(tmp_path, hf_dir):
     import struct
     import time
 
-    from ckpt_lib import hf_loader
+    from ckpt_lib.engine import hf_loader
     from ckpt_lib.errors import ConversionError
 
     class Sink:

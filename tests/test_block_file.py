@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_lib import block_file
-from ckpt_lib.block_file import BlockFile
-from ckpt_lib.megatron_io import RankFileWriter
-from ckpt_lib.sharding import Joined
+from ckpt_lib.io import block_file
+from ckpt_lib.io.block_file import BlockFile
+from ckpt_lib.io.megatron_io import RankFileWriter
+from ckpt_lib.layout.sharding import Joined
 
 
 def _bytes(value: torch.Tensor | Joined) -> bytes:

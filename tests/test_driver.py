@@ -81,7 +81,7 @@ def test_unread_queue_is_drained_after_the_saver_ends():
     directly (its get() refuses once closed, which failed conversions at random)."""
     import multiprocessing
 
-    from ckpt_lib import driver
+    from ckpt_lib.engine import driver
 
     queue = multiprocessing.get_context("fork").Queue()
     for _ in range(8):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_fp8 import BLOCK, QUANTIZED, Release, dequantize, quantize
 
-from ckpt_lib import fp8
+from ckpt_lib.engine.hf_saver import fp8_block
 from ckpt_lib.errors import ConversionError
-from ckpt_lib.hf_saver import fp8_block
+from ckpt_lib.io import fp8
 from util import convert_inprocess, make_deepseek_model, make_hf_model, read_safetensors_dir
 
 MTP = ["--mtp-num-layers", "1"]

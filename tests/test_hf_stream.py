@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_lib import block_file, export_plan, hf_saver
+from ckpt_lib.engine import hf_saver
 from ckpt_lib.errors import ConversionError
-from ckpt_lib.safetensors_io import INDEX_NAME, Listing, ShardedWriter, spec, split_shards
+from ckpt_lib.io import block_file
+from ckpt_lib.io.safetensors_io import INDEX_NAME, Listing, ShardedWriter, spec, split_shards
+from ckpt_lib.transport import export_plan
 from util import convert_inprocess, make_deepseek_model, make_hf_model, read_safetensors_dir
 
 CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
@@ -263,7 +265,7 @@ def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkey
 def test_rank_file_pages_leave_the_loader_once_copied(tmp_path):
     """loader_core_ext drops the pages of rank-file tensors it has copied into a message (a mapped page read
     counts in its memory until unmapped); the tensor reads the same after, other memory is never touched."""
-    from ckpt_lib.megatron_io import FileMaps, load_rank_file
+    from ckpt_lib.io.megatron_io import FileMaps, load_rank_file
 
     def file_pages() -> int:
         with open("/proc/self/status") as f:

@@ -32,7 +32,7 @@ def test_install_convert_uninstall(tmp_path, megatron):
     tools = megatron / "tools" / "checkpoint"
     result = run(ROOT / "install.py", "--megatron-path", megatron)
     assert result.returncode == 0, result.stderr
-    assert (tools / "loader_hf.py").exists() and (tools / "ckpt_lib" / "protocol.py").exists()
+    assert (tools / "loader_hf.py").exists() and (tools / "ckpt_lib" / "transport" / "protocol.py").exists()
     # run-time modules only: the test trainer stays in tests/, the verification runner in ckpt_verify
     shipped = {p.name for p in (tools / "ckpt_lib").rglob("*.py")}
     assert not shipped & {"mcore_trainer.py", "mcore_runner.py", "mcore_harness.py"} and not (tools / "ckpt_verify").exists()

@@ -11,8 +11,8 @@ import torch
 
 from ckpt_lib.errors import ConversionError
 from ckpt_lib.families import QKV, concat, stack
-from ckpt_lib.pipeline import layout_from_counts, make_layout, parse_layer_list
-from ckpt_lib.sharding import (
+from ckpt_lib.layout.pipeline import layout_from_counts, make_layout, parse_layer_list
+from ckpt_lib.layout.sharding import (
     COLUMN,
     GATED,
     REPLICATED,
@@ -147,7 +147,7 @@ def test_pending_parts_are_read_into_place(tmp_path):
     that does not fit fails with the tensor's name."""
     from safetensors.torch import save_file
 
-    from ckpt_lib.safetensors_io import SafetensorsSource
+    from ckpt_lib.io.safetensors_io import SafetensorsSource
 
     gen = torch.Generator().manual_seed(0)
     tensors = {"q": torch.randn(8 * 16, 4096, generator=gen).bfloat16(), "k": torch.randn(2 * 16, 4096, generator=gen).bfloat16(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckpt_lib.families import QKV
-from ckpt_lib.sharding import COLUMN, GATED, ROW, split
+from ckpt_lib.layout.sharding import COLUMN, GATED, ROW, split
 from util import convert_inprocess, make_hf_model, read_mcore_dir, read_safetensors_dir
 
 R, ALPHA = 8, 16.0

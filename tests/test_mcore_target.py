@@ -13,9 +13,9 @@ import types
 import pytest
 import torch
 
-from ckpt_lib import mcore_version
-from ckpt_lib import protocol as P
 from ckpt_lib.errors import ConversionError
+from ckpt_lib.families import mcore_version
+from ckpt_lib.transport import protocol as P
 from util import assert_same_tensors, convert_cli, convert_inprocess, make_deepseek_model, read_mcore_dir, read_safetensors_dir
 
 MTP = ["--mtp-num-layers", "1", "--saver-transformer-impl", "local"]

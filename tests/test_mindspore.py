@@ -221,9 +221,9 @@ def test_qwen3_moe_messages_match_the_hf_model():
     message equals the HF tensors."""
     import argparse
 
-    from ckpt_lib import ms_loader
-    from ckpt_lib import protocol as P
+    from ckpt_lib.engine import ms_loader
     from ckpt_lib.families import QKV
+    from ckpt_lib.transport import protocol as P
 
     class Collect(list):
         def put(self, item):

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from ckpt_lib import manifest
-from ckpt_lib.optimizer_state import read_optimizer_state
+from ckpt_lib.engine.optimizer_state import read_optimizer_state
+from ckpt_lib.io import manifest
 from mcore_trainer import TrainSpec, train
 from util import convert_cli, convert_inprocess, make_deepseek_model, make_hf_model
 

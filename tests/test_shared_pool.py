@@ -9,8 +9,8 @@ import re
 
 import torch
 
-from ckpt_lib import runtime
-from ckpt_lib.safetensors_io import SharedPool
+from ckpt_lib.io.safetensors_io import SharedPool
+from ckpt_lib.transport import runtime
 from util import assert_same_tensors, convert_cli, convert_inprocess, make_hf_model, read_mcore_dir
 
 MB = 1 << 20

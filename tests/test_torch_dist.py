@@ -24,7 +24,7 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)]
 
 def test_dense_torch_dist_loads_at_any_layout(tmp_path, monkeypatch):
     """Written tensor by tensor into several data files."""
-    from ckpt_lib import torch_dist
+    from ckpt_lib.io import torch_dist
 
     monkeypatch.setattr(torch_dist, "FILE_BYTES", 100_000)
     model = make_hf_model("qwen3", tmp_path / "hf")
@@ -58,7 +58,7 @@ def test_dense_torch_dist_round_trips_bit_exact(tmp_path):
 
 def test_deepseek_torch_dist_with_mtp(tmp_path, monkeypatch):
     """MLA + MoE + MTP: one torch_dist checkpoint, loaded by megatron-core at TP2 and at PP2 x EP2."""
-    from ckpt_lib import torch_dist
+    from ckpt_lib.io import torch_dist
 
     monkeypatch.setattr(torch_dist, "FILE_BYTES", 200_000)
     model, mtp = make_deepseek_model(tmp_path / "hf")

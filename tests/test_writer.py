@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ckpt_lib.megatron_io import RankFileWriter, load_rank_file
+from ckpt_lib.io.megatron_io import RankFileWriter, load_rank_file
 
 
 def test_rank_file_writer_matches_torch_load(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt_lib import verify
+from ckpt_lib.engine import verify
 from ckpt_lib.errors import ConversionError
 
 
@@ -31,7 +31,7 @@ def compare_logits(hf_dir: Path, mcore_dir: Path, atol: float, report: Any = pri
     """transformers on the HF side, megatron-core (one CPU process per rank) on the Megatron side."""
     from transformers import AutoModelForCausalLM
 
-    from .mcore_runner import mcore_logits
+    from ckpt_verify.mcore_runner import mcore_logits
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size

@@ -9,7 +9,7 @@ hidden states with send/recv in layer order (VPP and dualpipev chunks included; 
 weightless pass-through modules in their slots), and the last stage returns the full-vocabulary
 logits (`parallel_output=False`).
 
-The models come from `ckpt_lib.mcore_model` (the CPU shim `on_cpu` held for the life of each worker
+The models come from `ckpt_lib.io.mcore_model` (the CPU shim `on_cpu` held for the life of each worker
 process); the causal mask is passed explicitly (the default helper allocates on CUDA). MoE uses the
 allgather token dispatcher. Verification only: install.py does not copy this package into
 Megatron-LM checkouts.
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from ckpt_lib.mcore_model import (
+from ckpt_lib.io.mcore_model import (
     NoopLayer,
     build_model,
     dualpipev,
@@ -41,8 +41,8 @@ from ckpt_lib.mcore_model import (
     stage_placement,
     transformer_config,
 )
-from ckpt_lib.torch_dist import is_torch_dist
-from ckpt_lib.torch_dist import read_args as torch_dist_args
+from ckpt_lib.io.torch_dist import is_torch_dist
+from ckpt_lib.io.torch_dist import read_args as torch_dist_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..safetensors_io import Pending, empty_shared
+from ..io.safetensors_io import Pending, empty_shared
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -145,7 +145,7 @@ def to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: in
 
 def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
     """Run a section backwards: pop protocol keys from `msg`, return source name -> tensor."""
-    from ..protocol import take
+    from ..transport.protocol import take
 
     prefix = section.prefix.format(layer=layer)
     out: dict[str, torch.Tensor] = {}
@@ -177,7 +177,7 @@ def experts_to_protocol(section: Section, read: Callable[[str], Any], md: Any, l
 def experts_from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None,
                           first: int) -> dict[str, torch.Tensor]:
     """Inverse of `experts_to_protocol`: source name -> one expert's tensor (views of the stack)."""
-    from ..protocol import take
+    from ..transport.protocol import take
 
     prefix = section.prefix.format(layer=layer)
     out: dict[str, torch.Tensor] = {}

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from .. import protocol as P
-from .. import rope_scaling
 from ..errors import ConversionError
-from . import Relation, Section
+from ..transport import protocol as P
+from . import Relation, Section, rope_scaling
 from .dense import EMBEDDING, FINAL_NORM, OUTPUT
 
 LAYER_PREFIX = "model.layers.{layer}."

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .. import protocol as P
 from ..errors import ConversionError
+from ..transport import protocol as P
 from . import QKV, Relation, Section
 
 EMBEDDING = Section(P.EMBEDDINGS, "model.", (Relation(("embed_tokens.weight",), (P.WORD_EMB,)),))

@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import protocol as P
 from ..errors import ConversionError
+from ..transport import protocol as P
 from . import QKV, RENAME, Op, Relation, Section, Tensors, concat, stack
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .. import protocol as P
 from ..errors import ConversionError
+from ..transport import protocol as P
 from . import Op, Relation, Section, dense
 
 

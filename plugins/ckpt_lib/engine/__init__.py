@@ -1,0 +1,1 @@
+"""Conversions: loaders and savers built from families, plans and writers; verification of streams."""

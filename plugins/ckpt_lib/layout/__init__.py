@@ -1,0 +1,1 @@
+"""Pure layout rules (no I/O, no models): pipeline stages, tensor-parallel splits."""

@@ -1,0 +1,1 @@
+"""The queue protocol between loader and saver: messages, metadata, pacing, worker shares."""
