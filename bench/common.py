@@ -80,7 +80,7 @@ def raw_floor(src: Path, out_bytes: int, scratch: Path, direct: bool = False, pa
     own pace, which is how the converter writes where the file system allows it)."""
     start = time.perf_counter()
     buf = mmap.mmap(-1, 64 << 20)  # page-aligned, as O_DIRECT needs
-    for f in sorted(src.rglob(pattern)):
+    for f in sorted(src.rglob(pattern)):  # rank_N/ directories too
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass

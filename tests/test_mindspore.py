@@ -89,12 +89,13 @@ def test_contradicting_hidden_size_names_both_values(tmp_path):
     assert "--hidden-size 4096 contradicts the checkpoint, which has 64" in result.stderr
 
 
-def test_distributed_checkpoint_is_refused_with_merge_hint(tmp_path):
+def test_distributed_checkpoint_without_strategy_says_what_to_pass(tmp_path):
+    """Per-rank files are read with their strategy files (tests/test_mindspore_training.py); without them, say so."""
     (tmp_path / "src" / "rank_0").mkdir(parents=True)
     shutil.copy(FIXTURES / "qwen3_interleaved" / "ms.safetensors", tmp_path / "src" / "rank_0")
     result = convert_cli("--loader", "core_mf", "--saver", "core_ext", "--load-dir", str(tmp_path / "src"),
                          "--save-dir", str(tmp_path / "mc"))
-    assert result.returncode != 0 and "merge the distributed checkpoint" in result.stderr
+    assert result.returncode != 0 and "pass --strategy-path" in result.stderr
 
 
 def test_intermediate_checkpoint_only_when_asked(tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ from ..families import Section, deepseek, dense
 from ..families import mindspore as ms
 from ..io.safetensors_io import SafetensorsSource
 from ..transport import protocol as P
+from . import ms_distributed as distributed
 from .hf_loader import Step, dense_plan, read_json, stream, validate
 
 LAYER_INDEX = re.compile(r"^(?:decoder|model)\.layers\.(\d+)\.")
-MERGE_HINT = ("merge the distributed checkpoint into complete weights first (MindSpore Transformers: "
-              "`python toolkit/safetensors/unified_safetensors.py` or `mindformers.tools.ckpt_transform`, "
-              "see its 'weight merging' docs), then pass the merged file or directory")
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -71,16 +68,25 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="MTP layers to convert: 0 skips (and reports) them; default: as many as the checkpoint holds (at most 1)")
     group.add_argument("--experts-per-message", type=int, default=8,
                        help="Routed experts per queue message (bounds the memory of one message)")
+    group.add_argument("--strategy-path", type=str, default=None,
+                       help="Checkpoint 1.0 training output: the strategy/ directory (ckpt_strategy_rank_N.ckpt) or one merged "
+                            "strategy file (default: strategy/ beside or above the rank_N directories)")
 
 
-def open_source(load_dir: Path) -> SafetensorsSource:
-    """A .safetensors file, a directory of them, or a merged directory with param_name_map.json."""
+def open_source(load_dir: Path, strategy_path: str | None = None) -> SafetensorsSource | distributed.ShardedSource:
+    """A .safetensors file, a directory of them, a merged directory with param_name_map.json, or a training
+    run's output: Checkpoint 1.0 (rank_N directories + strategy files) or 2.0 (iteration directory)."""
     if load_dir.is_file():
         return SafetensorsSource([load_dir])
     if not load_dir.is_dir():
         raise ConversionError(f"--load-dir {load_dir}: no such file or directory")
-    if any(d.is_dir() and d.name.startswith("rank_") for d in load_dir.iterdir()) or any(load_dir.glob("*strategy*")):
-        raise ConversionError(f"--load-dir {load_dir} holds per-rank (distributed) weights: {MERGE_HINT}")
+    if distributed.is_checkpoint_1(load_dir):
+        return distributed.open_checkpoint_1(load_dir, strategy_path)
+    iteration = distributed.iteration_dir(load_dir)
+    if iteration is not None:
+        if (iteration / "metadata.json").is_file():
+            return distributed.open_checkpoint_2(iteration)
+        load_dir = iteration  # saved by a single device: whole tensors, no metadata.json
     name_map = load_dir / "param_name_map.json"
     if name_map.exists():
         try:
@@ -91,7 +97,7 @@ def open_source(load_dir: Path) -> SafetensorsSource:
         if missing:
             raise ConversionError(f"{name_map} lists {missing[0]}, which is missing")
         return SafetensorsSource(load_dir / f for f in files)
-    files = sorted(p for p in load_dir.glob("*.safetensors") if p.name != "hyper_param.safetensors")
+    files = sorted(p for p in load_dir.glob("*.safetensors") if p.name != "hyper_param.safetensors" and not p.name.startswith("opt-"))
     if not files:
         raise ConversionError(f"--load-dir {load_dir}: no .safetensors files found")
     return SafetensorsSource(files)
@@ -171,7 +177,6 @@ class GroupedExperts:
         self.source, self.files, self.cast = source, source.files, cast
         self.experts: dict[str, tuple[str, int, str]] = {}  # served name -> (grouped name, expert, part)
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.fds: dict[Path, int] = {}
         self.last: tuple[tuple[str, int], torch.Tensor] | None = None
         e = self.num_experts = md.num_experts
         for name in source.names():
@@ -215,19 +220,11 @@ class GroupedExperts:
         return tensor
 
     def _rows(self, grouped: str, expert: int) -> torch.Tensor:
-        """One expert's rows of a grouped tensor, read from the file alone (gate and up share a read)."""
+        """One expert's rows of a grouped tensor, read alone (gate and up share a read)."""
         if self.last is not None and self.last[0] == (grouped, expert):
             return self.last[1]
-        f = self.source.where[grouped]
-        dtype, (_, cols), begin, end = f.entries[grouped]
-        block = (end - begin) // self.num_experts
-        if f.path not in self.fds:
-            self.fds[f.path] = os.open(f.path, os.O_RDONLY)
-        fd = self.fds[f.path]
-        data = os.pread(fd, block, f.data_start + begin + expert * block)
-        if len(data) != block:
-            raise ConversionError(f"{f.path}: file ended while reading tensor {grouped!r}")
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, cols)
+        rows = self.source.shape(grouped)[0] // self.num_experts
+        tensor = self.source.pending(grouped).rows(expert * rows, rows).load()
         self.last = ((grouped, expert), tensor)
         return tensor
 
@@ -334,7 +331,7 @@ def load_moe(queue: Any, source: SafetensorsSource, weights: list[str], skipped:
 
 
 def load(queue: Any, args: argparse.Namespace) -> None:
-    source = open_source(Path(args.load_dir))
+    source = open_source(Path(args.load_dir), args.strategy_path)
     metadata = {k: v for f in source.files for k, v in f.metadata.items()}
     skipped = [n for n in source.names() if ms.is_non_weight(n)]
     weights = [n for n in source.names() if not ms.is_non_weight(n)]
