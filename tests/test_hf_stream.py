@@ -214,9 +214,19 @@ def weights(directory: Path) -> dict[str, bytes]:
     return out
 
 
-def test_mcore_to_hf_bytes_depend_only_on_the_split(tmp_path):
+@pytest.fixture
+def replans(monkeypatch) -> list:
+    """The groups that made a ShardedWriter plan again, in this test."""
+    seen: list = []
+    original = ShardedWriter._replan
+    monkeypatch.setattr(ShardedWriter, "_replan", lambda self, group: (seen.append(group), original(self, group))[1])
+    return seen
+
+
+def test_mcore_to_hf_bytes_depend_only_on_the_split(tmp_path, replans):
     """A tiny Llama through mcore TP2xPP2 back to HF: --max-shard-size values giving the same split give the same
-    bytes (index and manifest included), the shards are those the holding writer writes, and the weights are exact."""
+    bytes (index and manifest included), the shards are those the holding writer writes, and the weights are exact.
+    The plan from the metadata was right (nothing planned again)."""
     make_hf_model("llama", tmp_path / "hf", dtype=torch.bfloat16)
     convert_inprocess("hf", "core_ext", tmp_path / "hf", tmp_path / "mc", "--target-tensor-parallel-size", "2",
                       "--target-pipeline-parallel-size", "2")
@@ -232,9 +242,31 @@ def test_mcore_to_hf_bytes_depend_only_on_the_split(tmp_path):
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "c", "--max-shard-size", "5GB")
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "d", "--max-shard-size", "1GB")
     assert weights(tmp_path / "c") == weights(tmp_path / "d") and "model.safetensors" in weights(tmp_path / "c")
+    assert not replans
 
 
-def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_deepseek_plan_is_right_and_bytes_are_the_holding_writers(tmp_path, replans, fp8):
+    """bf16 DeepSeek-V3 with MTP through mcore TP2xEP2 (router bias in fp32, MTP copies of the vocabulary tables),
+    and its FP8 release layout (weights quantized as written, scales after them in the same shard)."""
+    make_deepseek_model(tmp_path / "ds", dtype=torch.bfloat16)
+    convert_inprocess("hf_deepseek3", "core_ext", tmp_path / "ds", tmp_path / "mc", "--mtp-num-layers", "1",
+                      "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2")
+    flags = ["--save-fp8", "--fp8-block-size", "16"] if fp8 else []
+    convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "out", "--max-shard-size", "40KB", *flags)
+    assert not replans
+    grouped: list[dict[str, torch.Tensor]] = []
+    for group in in_header_order(tmp_path / "out"):  # an FP8 weight and its scales were added together
+        name = next(iter(group))
+        if name.endswith("_scale_inv"):
+            grouped[-1].update(group)
+        else:
+            grouped.append(group)
+    expected = reference(tmp_path, grouped, 40_000)
+    assert len(expected) > 10 and {n: b for n, b in files(tmp_path / "out").items() if n in expected} == expected
+
+
+def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkeypatch, replans):
     """What the metadata cannot tell: fp32 norms in a bf16 model (HF -> HF), and experts sent 3 to a message while the
     saver expects 8. The plan is made again from what arrived; the bytes are those of a right prediction."""
     mixed = tmp_path / "mixed"
@@ -243,9 +275,6 @@ def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkey
 
     state = {k: v.float() if "norm" in k else v for k, v in load_file(mixed / "model.safetensors").items()}
     save_file(state, mixed / "model.safetensors", metadata={"format": "pt"})
-    replans = []
-    original = ShardedWriter._replan
-    monkeypatch.setattr(ShardedWriter, "_replan", lambda self, group: (replans.append(group), original(self, group))[1])
     convert_inprocess("hf", "hf", mixed, tmp_path / "m", "--max-shard-size", "20KB")
     assert len(replans) == 2  # the first layer's norms, the final norm
     expected = reference(tmp_path, in_header_order(tmp_path / "m"), 20_000)

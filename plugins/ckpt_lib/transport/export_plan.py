@@ -79,7 +79,9 @@ def planned_messages(md: argparse.Namespace, vocab: int, observed: Observed) -> 
         return {"name": name, **{k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()}}
 
     def predicted(key: str) -> torch.dtype:
-        return torch.float32 if key == P.ROUTER_BIAS else md.params_dtype
+        if key == P.ROUTER_BIAS or not isinstance(md.params_dtype, torch.dtype):  # learnt from the messages if wrong
+            return torch.float32
+        return md.params_dtype
 
     def layer(name: str, index: int, shapes: dict[str, tuple[int, ...]]) -> Iterator[dict[str, Any]]:
         yield meta(name, shapes)
