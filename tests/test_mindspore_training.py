@@ -18,13 +18,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TRAINING = FIXTURES / "mindspore_training"
 MERGED = FIXTURES / "mindspore"
 DEEPSEEK = ["--model-config", str(MERGED / "hf_deepseek3")]
+QWEN3_MOE = ["--model-config", str(MERGED / "hf_qwen3_moe")]
 CASES = {  # fixture -> (merged checkpoint of the same weights, HF original, loader flags)
     "qwen3_tp2": ("qwen3_interleaved", "hf_qwen3", []),
     "qwen3_pp2tp2": ("qwen3_interleaved", "hf_qwen3", []),
     "qwen3_dp2tp2_opt": ("qwen3_interleaved", "hf_qwen3", []),
     "qwen3_ckpt2": ("qwen3_interleaved", "hf_qwen3", []),
     "deepseek3_tp2": ("deepseek3", "hf_deepseek3", DEEPSEEK),
+    "deepseek3_pp2tp2": ("deepseek3", "hf_deepseek3", DEEPSEEK),
     "deepseek3_ckpt2": ("deepseek3", "hf_deepseek3", DEEPSEEK),
+    "qwen3_moe_tp2": ("qwen3_moe", "hf_qwen3_moe", QWEN3_MOE),
 }
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -48,23 +51,42 @@ def test_checkpoint_1_reports_the_step_and_skips_optimizer_states(tmp_path):
     assert "Checkpoint 1.0, 2 ranks, epoch 1 step 4" in result.stdout and "skipped 10 non-weight entries" in result.stdout
 
 
-def test_pipeline_checkpoint_1_to_mcore_tp2_matches_transformers(tmp_path):
+def test_expert_moments_are_skipped_whole(tmp_path):
+    """adam_m / adam_v of the grouped experts are skipped, not split into experts (in qwen3_moe_tp2 they are a rank's
+    slice, which failed the expert shape check; merged, their expert parts were 'unmapped tensors')."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(MERGED / "qwen3_moe" / "ms.safetensors")
+    for moment in ("adam_m", "adam_v"):
+        tensors[f"{moment}.decoder.layers.0.mlp.experts.weight1"] = torch.zeros(512, 32)
+    (tmp_path / "ms").mkdir()
+    save_file(tensors, tmp_path / "ms" / "ms.safetensors", metadata={"format": "ms"})
+    convert_inprocess("core_mf", "hf", tmp_path / "ms", tmp_path / "hf", "--params-dtype", "fp32", *QWEN3_MOE)
+    assert_same_tensors(read_safetensors_dir(MERGED / "hf_qwen3_moe"), read_safetensors_dir(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("fixture", ["qwen3_pp2tp2", "qwen3_moe_tp2"])
+def test_checkpoint_1_to_mcore_tp2_matches_transformers(tmp_path, fixture):
+    """Qwen3 from two pipeline stages; Qwen3-MoE (grouped experts split by expert and by column) from TP2."""
     from transformers import AutoModelForCausalLM
 
-    convert_inprocess("core_mf", "core_ext", TRAINING / "qwen3_pp2tp2", tmp_path / "mc", "--params-dtype", "fp32",
+    _, original, flags = CASES[fixture]
+    convert_inprocess("core_mf", "core_ext", TRAINING / fixture, tmp_path / "mc", "--params-dtype", "fp32", *flags,
                       "--target-tensor-parallel-size", "2", "--saver-transformer-impl", "local")
-    model = AutoModelForCausalLM.from_pretrained(MERGED / "hf_qwen3", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(MERGED / original, dtype=torch.float32).eval()
     with torch.no_grad():
         reference = model(TOKENS).logits
     assert (mcore_logits(tmp_path / "mc", TOKENS)[..., :100] - reference).abs().max().item() < 1e-4
 
 
-def test_deepseek3_checkpoint_2_to_mcore_tp2_matches_transformers_with_mtp(tmp_path):
+@pytest.mark.parametrize("fixture", ["deepseek3_pp2tp2", "deepseek3_ckpt2"])
+def test_deepseek3_to_mcore_tp2_matches_transformers_with_mtp(tmp_path, fixture):
+    """DeepSeek-V3 from two pipeline stages (MTP on the last; Checkpoint 1.0) and from Checkpoint 2.0."""
     from transformers import AutoModelForCausalLM
 
     from test_parity import mtp_reference
 
-    convert_inprocess("core_mf", "core_ext", TRAINING / "deepseek3_ckpt2", tmp_path / "mc", "--params-dtype", "fp32", *DEEPSEEK,
+    convert_inprocess("core_mf", "core_ext", TRAINING / fixture, tmp_path / "mc", "--params-dtype", "fp32", *DEEPSEEK,
                       "--saver-transformer-impl", "local", "--target-tensor-parallel-size", "2")
     model = AutoModelForCausalLM.from_pretrained(MERGED / "hf_deepseek3", dtype=torch.float32).eval()
     layers = model.config.num_hidden_layers
@@ -148,5 +170,8 @@ def test_strategy_layouts_decode_without_mindspore():
     stage1 = read_strategy(TRAINING / "qwen3_pp2tp2" / "strategy" / "ckpt_strategy_rank_2.ckpt")
     assert "embedding.word_embeddings.weight" not in stage1 and stage1["output_layer.weight"].stage == 1
     assert stage1["output_layer.weight"].slice_of(1, (100, 64)) is None
+    deepseek = read_strategy(TRAINING / "deepseek3_pp2tp2" / "strategy" / "ckpt_strategy_rank_3.ckpt")
+    assert "decoder.layers.1.mlp.experts.weight1" not in deepseek and deepseek["mtp.layers.0.eh_proj.weight"].stage == 1
+    assert deepseek["decoder.layers.2.mlp.experts.weight1"].slice_of(3, (512, 64)) == ((256, 0), (256, 64))
     opt = read_strategy(TRAINING / "qwen3_dp2tp2_opt" / "strategy" / "ckpt_strategy.ckpt")["decoder.layers.0.mlp.linear_fc1.weight"]
     assert [opt.slice_of(r, (192, 64))[0][0] for r in range(4)] == [0, 96, 48, 144]

@@ -50,15 +50,23 @@ class Step:
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--megatron-path", type=str, default=None, help="Accepted for compatibility; not needed")
-    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe", glm4_moe.MODEL_TYPE]),
-                       help="HF family (default: config.json model_type)")
+    group.add_argument("--model-type-hf", type=str, default=None, choices=sorted([*dense.VARIANTS, "qwen3_moe", glm4_moe.MODEL_TYPE, *deepseek.V3_MODEL_TYPES,
+                                        *deepseek.V2_MODEL_TYPES]),
+                       help="HF family (default: config.json model_type; MLA families are read by loader_hf_deepseek3)")
     group.add_argument("--experts-per-message", type=int, default=8, help="MoE: routed experts per protocol message")
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Real vocabulary size (default: config.json vocab_size)")
     group.add_argument("--mtp-num-layers", type=int, default=None,
                        help="GLM-4.5: MTP layers to convert (default: those of config.json num_nextn_predict_layers the "
                             "checkpoint holds; 0 skips them)")
+    add_latent_norm_eps(group)
     add_strict(group)
+
+
+def add_latent_norm_eps(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--accept-latent-norm-eps", action="store_true",
+                       help="MLA configs with rms_norm_eps other than 1e-6 (Moonlight: 1e-5): convert anyway; Megatron then "
+                            "uses rms_norm_eps in the q/kv latent norms, where transformers hard-codes 1e-6")
 
 
 def add_strict(group: argparse._ArgumentGroup) -> None:
@@ -216,6 +224,10 @@ def glm4_moe_plan(source: SafetensorsSource, cfg: dict[str, Any], args: argparse
 def load(queue: Any, args: argparse.Namespace) -> None:
     load_dir = Path(args.load_dir)
     cfg = read_config(load_dir)
+    if (args.model_type_hf or cfg.get("model_type")) in (*deepseek.V3_MODEL_TYPES, *deepseek.V2_MODEL_TYPES):
+        from .hf_deepseek_loader import load as load_mla  # it builds on this module
+
+        return load_mla(queue, args)
     source = SafetensorsSource.from_dir(load_dir)
     embed_name = "model.embed_tokens.weight"
     if embed_name not in source:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..families import Section, deepseek, dense, experts_from_protocol, from_protocol, glm4_moe, qwen3_moe
+from ..families import Section, deepseek, deepseek_v2, dense, experts_from_protocol, from_protocol, glm4_moe, qwen3_moe
 from ..families.lora import LORA_A, LORA_B
 from ..io import fp8
 from ..io.manifest import Manifest
@@ -80,8 +80,9 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
             raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
-        if getattr(md, "multi_latent_attention", False):  # DeepSeek-V3: rebuilt with rope_scaling from the metadata (the checkpoint's args)
-            rebuild = deepseek.hf_config_from_metadata
+        if getattr(md, "multi_latent_attention", False):  # DeepSeek-V3 (sigmoid router) or -V2 (softmax), rope_scaling from the metadata
+            softmax = md.moe_router_score_function == "softmax"
+            rebuild = deepseek_v2.hf_config_from_metadata if softmax else deepseek.hf_config_from_metadata
         else:  # an MoE model without MLA reaching here is GLM-4.5 (Qwen3-MoE was refused above)
             rebuild = glm4_moe.hf_config_from_metadata if md.num_experts else dense.hf_config_from_metadata
         cfg = rebuild(md, vocab)
@@ -91,7 +92,10 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
     if cfg.get("tie_word_embeddings", False) == bool(md.output_layer):
         raise ConversionError(f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings', False)} disagrees with the checkpoint")
     if getattr(md, "multi_latent_attention", False):
-        cfg["num_nextn_predict_layers"] = getattr(md, "mtp_num_layers", 0) or 0
+        deepseek.check_config(cfg, md)
+        mtp = getattr(md, "mtp_num_layers", 0) or 0
+        if mtp or "num_nextn_predict_layers" in cfg:  # the DeepSeek-V2 class has no such field
+            cfg["num_nextn_predict_layers"] = mtp
     cfg["dtype"] = str(md.params_dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     return cfg

@@ -105,6 +105,7 @@ class McoreSaver:
                                      self.tp_extend)
         self.mcore = self.format.mcore_target(args)
         rope_scaling.check_target(md, self.mcore.version)
+        mcore_version.check_target(md, self.mcore.version)
         self.profile.check(md, self.tp, self.ep, getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
         md.learned_absolute = md.position_embedding_type == "learned_absolute"

@@ -181,7 +181,7 @@ class GroupedExperts:
         e = self.num_experts = md.num_experts
         for name in source.names():
             grouped = next((g for g in ms.GROUPED if name.endswith("." + g)), None)
-            if grouped is None:
+            if grouped is None or ms.is_non_weight(name):  # adam_m/adam_v of the experts: skipped whole (a rank's slice in training output)
                 continue
             rows, cols = source.shape(name)
             want = md.hidden_size if grouped == ms.GROUPED_FC1 else md.moe_ffn_hidden_size

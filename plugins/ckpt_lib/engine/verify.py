@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import queue
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from ..families.deepseek import V2_MODEL_TYPES, V3_MODEL_TYPES
 from ..io import manifest
 from ..transport import protocol as P
 
@@ -26,14 +28,13 @@ VOCAB_KEYS = {(P.EMBEDDINGS, P.WORD_EMB), (P.OUTPUT_LAYER, "weight")}
 
 
 def detect_loader(directory: Path) -> str:
-    """Which loader reads a directory: HF (dense or DeepSeek-V3), or Megatron legacy torch."""
+    """Which loader reads a directory: HF (dense, or the MLA family: DeepSeek-V3, Kimi-K2, DeepSeek-V2), or Megatron legacy torch."""
     if (directory / "latest_checkpointed_iteration.txt").exists() or any(directory.glob("iter_*")) or (directory / "release").exists():
         return "core_ext"
     config = directory / "config.json"
     if config.exists():
-        import json
-
-        return "hf_deepseek3" if json.loads(config.read_text()).get("model_type") == "deepseek_v3" else "hf"
+        mla = json.loads(config.read_text()).get("model_type") in (*V3_MODEL_TYPES, *V2_MODEL_TYPES)
+        return "hf_deepseek3" if mla else "hf"
     if any(directory.glob("*.safetensors")):
         return "core_mf"
     raise ConversionError(f"{directory}: cannot tell the checkpoint format (no config.json, tracker file or safetensors)")

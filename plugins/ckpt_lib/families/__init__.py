@@ -105,7 +105,8 @@ QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv, joins=True)
 
 @dataclass(frozen=True)
 class Relation:
-    """Source names (relative to a prefix) <-> protocol keys through `op`, when `md.<when>` holds."""
+    """Source names (relative to a prefix) <-> protocol keys through `op`, when `md.<when>` holds
+    (`!name`: when it does not)."""
 
     source: tuple[str, ...]
     keys: tuple[str, ...]
@@ -113,7 +114,9 @@ class Relation:
     when: str | None = None
 
     def applies(self, md: Any) -> bool:
-        return self.when is None or bool(getattr(md, self.when, False))
+        if self.when is None:
+            return True
+        return bool(getattr(md, self.when.lstrip("!"), False)) != self.when.startswith("!")
 
 
 @dataclass(frozen=True)

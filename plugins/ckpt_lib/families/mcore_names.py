@@ -60,15 +60,17 @@ def attention_params(md: Any, impl: str, whole_mla_down: bool = False) -> tuple[
 def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
     """MLA: the local spec splits the down projections over TP (ColumnParallelLinear), the TE spec
     keeps them whole (TELinear 'duplicated') and fuses the latent norms into the up projections;
-    MindSpeed-LLM keeps them whole with local names (`whole_down`)."""
+    MindSpeed-LLM keeps them whole with local names (`whole_down`). Without a query LoRA rank
+    (`q_lora_rank` None) megatron-core has one column-parallel `linear_q_proj` in every spec."""
     down = REPLICATED if impl == TE or whole_down else COLUMN
     q_norm = "self_attention.linear_q_up_proj.layer_norm_weight" if impl == TE else "self_attention.q_layernorm.weight"
     kv_norm = "self_attention.linear_kv_up_proj.layer_norm_weight" if impl == TE else "self_attention.kv_layernorm.weight"
     return (
         Param("input_layernorm.weight", (P.INPUT_NORM_W,), REPLICATED),
-        Param("self_attention.linear_q_down_proj.weight", (P.Q_DOWN_W,), down),
-        Param(q_norm, (P.Q_DOWN_NORM_W,), REPLICATED),
-        Param("self_attention.linear_q_up_proj.weight", (P.Q_UP_W,), COLUMN),
+        Param("self_attention.linear_q_proj.weight", (P.Q_W,), COLUMN, ("!q_lora_rank",)),
+        Param("self_attention.linear_q_down_proj.weight", (P.Q_DOWN_W,), down, ("q_lora_rank",)),
+        Param(q_norm, (P.Q_DOWN_NORM_W,), REPLICATED, ("q_lora_rank",)),
+        Param("self_attention.linear_q_up_proj.weight", (P.Q_UP_W,), COLUMN, ("q_lora_rank",)),
         Param("self_attention.linear_kv_down_proj.weight", (P.KV_DOWN_W,), down),
         Param(kv_norm, (P.KV_DOWN_NORM_W,), REPLICATED),
         Param("self_attention.linear_kv_up_proj.weight", (P.KV_UP_W,), COLUMN),
@@ -142,7 +144,7 @@ IMPLS = ("local", TE)
 
 def detect_impl(names: list[str]) -> str:
     """Which spec a state dict was written with, from its norm names."""
-    if any(n.endswith(("linear_qkv.layer_norm_weight", "linear_q_up_proj.layer_norm_weight", "mlp.experts.linear_fc1.weight0",
-                       "linear_fc1.layer_norm_weight")) for n in names):
+    if any(n.endswith(("linear_qkv.layer_norm_weight", "linear_q_up_proj.layer_norm_weight", "linear_kv_up_proj.layer_norm_weight",
+                       "mlp.experts.linear_fc1.weight0", "linear_fc1.layer_norm_weight")) for n in names):
         return TE
     return "local"

@@ -16,6 +16,7 @@ import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConversionError
 
@@ -24,6 +25,9 @@ Version = tuple[int, int]
 NEWEST: Version = (0, 19)  # the newest release tested; the default when nothing says which one runs
 MTP_RENAMED: Version = (0, 17)
 MTP_SUBMODULES = ("transformer_layer", "mtp_model_layer")  # before / from MTP_RENAMED
+# MLA without q_lora_rank: 0.16.1 builds a plain linear_q_proj; 0.19.2 (mla_qk_norm_config) fuses a norm of its own
+# into it whenever qk_layernorm is on, which the kv latent norm needs. 0.17 and 0.18 are not checked: refused too.
+Q_NORM_FUSED: Version = (0, 17)
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,11 @@ def detect_mtp_submodule(names: list[str], index: int = 0) -> str:
         if any(n.startswith(f"mtp.layers.{index}.{submodule}.") for n in names):
             return submodule
     return MTP_SUBMODULES[0]
+
+
+def check_target(md: Any, version: Version) -> None:
+    """What the target release cannot build from these weights is refused before anything is written."""
+    if getattr(md, "multi_latent_attention", False) and not md.q_lora_rank and version >= Q_NORM_FUSED:
+        raise ConversionError(f"MLA without q_lora_rank (a plain query projection: DeepSeek-V2-Lite, Moonlight): megatron-core "
+                              f"{version[0]}.{version[1]} fuses a norm into linear_q_proj when qk_layernorm is on (as the MLA kv "
+                              "norm needs; checked in 0.19.2), a norm the HF model does not have; use --target-mcore-version 0.16")

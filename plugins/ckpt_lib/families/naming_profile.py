@@ -43,6 +43,9 @@ class NamingProfile:
             raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
         if self.mm_split and not getattr(md, "multi_latent_attention", False):
             raise ConversionError("--mla-mm-split needs an MLA model")
+        if mindspeed and getattr(md, "multi_latent_attention", False) and not md.q_lora_rank:
+            raise ConversionError("--naming mindspeed: MindSpeed-LLM's layout of MLA without q_lora_rank (a plain query "
+                                  "projection) is not known here; write megatron-core names")
         if self.tp_extend and not self.grouped:
             raise ConversionError("--moe-tp-extend-ep needs --moe-grouped-gemm")
         if (self.grouped or self.tp_extend) and not experts:

@@ -188,10 +188,11 @@ def open_dequantized(source: SafetensorsSource, cfg: dict[str, Any], dtype: torc
 # -- Writing FP8 (saver_hf --save-fp8) -------------------------------------------------------------------------
 
 E4M3_MAX = 448.0
-# The linear weights DeepSeek's release stores FP8 (decoder layers and the MTP layer's block): MLA projections,
-# dense MLP, shared and routed experts. Not: embeddings, lm_head, norms, the router (`mlp.gate.weight`,
-# `e_score_correction_bias`), the MTP layer's eh_proj, embed_tokens and shared_head.
-RELEASE_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+# The linear weights DeepSeek's release stores FP8 (decoder layers and the MTP layer's block): MLA projections (a
+# plain q_proj too, for configs without q_lora_rank), dense MLP, shared and routed experts. Not: embeddings,
+# lm_head, norms, the router (`mlp.gate.weight`, `e_score_correction_bias`), the MTP layer's eh_proj, embed_tokens
+# and shared_head.
+RELEASE_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                                r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj)\.weight")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConversionError
 
-LINEAR = re.compile(r"\.(linear_(qkv|proj|fc1|fc2|q_down_proj|q_up_proj|kv_down_proj|kv_up_proj))\.weight\d*$")
+LINEAR = re.compile(r"\.(linear_(qkv|proj|fc1|fc2|q_proj|q_down_proj|q_up_proj|kv_down_proj|kv_up_proj))\.weight\d*$")
 STATE_MARKER = ".quant_state.bitsandbytes__nf4"
 BLOCKSIZE = 64
 

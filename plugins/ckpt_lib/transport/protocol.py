@@ -50,8 +50,10 @@ FC1_GATE_B, FC1_UP_B = "mlp l0 bias W", "mlp l0 bias V"
 FC2_W, FC2_B = "mlp l1 weight", "mlp l1 bias"
 Q_NORM_W, K_NORM_W = "q norm weight", "k norm weight"
 WORD_EMB, POS_EMB = "word embeddings", "position embeddings"
-# MLA (DeepSeek-V3) attention.
+# MLA (DeepSeek-V3) attention; without a query LoRA rank (`md.q_lora_rank` None: DeepSeek-V2-Lite, Moonlight)
+# one plain query projection `Q_W` replaces the down projection, its norm and the up projection.
 Q_DOWN_W, Q_DOWN_NORM_W, Q_UP_W = "q down weight", "q down norm weight", "q up weight"
+Q_W = "q weight"
 KV_DOWN_W, KV_DOWN_NORM_W, KV_UP_W = "kv down weight", "kv down norm weight", "kv up weight"
 # MoE: router, shared expert, routed experts (stacked [count, out, in] in FC1_GATE_W/FC1_UP_W/FC2_W).
 ROUTER_W, ROUTER_BIAS = "router weight", "router expert bias"
@@ -285,8 +287,11 @@ def _attention_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 
 def _mla_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
     h, heads, rope = md.hidden_size, md.num_attention_heads, md.qk_pos_emb_head_dim
+    q_rows = heads * (md.qk_head_dim + rope)
+    query = ({Q_DOWN_W: (md.q_lora_rank, h), Q_DOWN_NORM_W: (md.q_lora_rank,), Q_UP_W: (q_rows, md.q_lora_rank)}
+             if md.q_lora_rank else {Q_W: (q_rows, h)})
     return {
-        Q_DOWN_W: (md.q_lora_rank, h), Q_DOWN_NORM_W: (md.q_lora_rank,), Q_UP_W: (heads * (md.qk_head_dim + rope), md.q_lora_rank),
+        **query,
         KV_DOWN_W: (md.kv_lora_rank + rope, h), KV_DOWN_NORM_W: (md.kv_lora_rank,),
         KV_UP_W: (heads * (md.qk_head_dim + md.v_head_dim), md.kv_lora_rank), DENSE_W: (h, heads * md.v_head_dim),
     }
