@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_args, measure_conversion  # noqa: E402
 
 
-def make_model(directory: Path, size_gb: float) -> dict:
-    """Write a Llama-shaped bf16 checkpoint of about `size_gb` GB in 1 GB shards, with random values."""
-    hidden, ffn, heads, groups, vocab = 2048, 5632, 16, 4, 32000
+def make_model(directory: Path, size_gb: float, hidden: int = 2048, ffn: int = 5632, heads: int = 16, groups: int = 4,
+               vocab: int = 32000) -> dict:
+    """Write a Llama-shaped bf16 checkpoint of about `size_gb` GB (at least 4 layers) in 1 GB shards, with random values."""
     dim = hidden // heads
     per_layer = 2 * (hidden * hidden * 2 + 2 * groups * dim * hidden + 3 * hidden * ffn + 2 * hidden)
     layers = max(4, round((size_gb * 1e9 - 2 * 2 * vocab * hidden) / per_layer / 4) * 4)

@@ -74,13 +74,13 @@ def dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
-def raw_floor(src: Path, out_bytes: int, scratch: Path, direct: bool = False) -> float:
-    """Read every input file and write `out_bytes` with plain buffered I/O + fsync (the issue's floor),
-    or with `direct`, through O_DIRECT from one reused aligned buffer (the device's own pace, which is
-    how the converter writes where the file system allows it)."""
+def raw_floor(src: Path, out_bytes: int, scratch: Path, direct: bool = False, pattern: str = "*.safetensors") -> float:
+    """Read every input file (`pattern` under `src`) and write `out_bytes` with plain buffered I/O + fsync
+    (the issue's floor), or with `direct`, through O_DIRECT from one reused aligned buffer (the device's
+    own pace, which is how the converter writes where the file system allows it)."""
     start = time.perf_counter()
     buf = mmap.mmap(-1, 64 << 20)  # page-aligned, as O_DIRECT needs
-    for f in sorted(src.rglob("*.safetensors")):  # rank_N/ directories too
+    for f in sorted(src.rglob(pattern)):  # rank_N/ directories too
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass

@@ -1,4 +1,8 @@
-"""Protocol messages -> HuggingFace safetensors shards + config.json, streaming shard by shard."""
+"""Protocol messages -> HuggingFace safetensors shards + config.json, streamed tensor by tensor.
+
+The shards are planned before the first message (`write_weights` run on meta tensors, `export_plan`), so each
+shard's header is written first and every tensor goes into its place as its layer arrives: memory is a layer
+and the queue's budget, whatever --max-shard-size."""
 
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from ..families import Section, deepseek, deepseek_v2, dense, experts_from_proto
 from ..families.lora import LORA_A, LORA_B
 from ..io import fp8
 from ..io.manifest import Manifest
-from ..io.safetensors_io import ShardedWriter, parse_size, start_file
+from ..io.safetensors_io import Group, Listing, ShardedWriter, parse_size, start_file
 from ..io.staging import StagedDir, check_target
 from ..transport import protocol as P
+from ..transport.export_plan import Observed, ObservingReader, planned_reader
 from ..transport.runtime import Summary, progress
 
 # Files copied from --hf-config-dir besides config.json (tokenizer and generation settings).
@@ -162,8 +167,63 @@ def fp8_block(args: argparse.Namespace, md: argparse.Namespace) -> tuple[int, in
     return fp8.recorded_block(md) or (128, 128)
 
 
+def write_weights(reader: P.MessageReader, md: argparse.Namespace, vocab: int, block: tuple[int, int] | None, mtp: Section,
+                  experts_out: Section, writer: ShardedWriter | Listing, planning: bool = False) -> dict[str, Any] | None:
+    """Every weight, from the messages through the family tables into `writer`, in output order; returns the
+    optimizer-state message if one came. Run first on the planned messages (meta tensors, `planning`), so that
+    the writer knows the whole output, and where each shard ends, before the first message arrives."""
+    mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
+    kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        if block is None:
+            writer.add(name, tensor)
+        elif fp8.RELEASE_QUANTIZED.fullmatch(name):  # quantized as its shard is written
+            weight = fp8.Fp8Weight(name, tensor, block)
+            writer.add_together({name: weight, name + fp8.SCALE_SUFFIX: weight.scale})
+        elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            writer.add(name, tensor.to(torch.bfloat16))  # as released; the router bias stays fp32
+        else:
+            writer.add(name, tensor)
+
+    def emit(msg: dict[str, Any], section: Section, layer: int | None = None) -> None:
+        for name, tensor in from_protocol(section, msg, md, layer).items():
+            if section in (dense.EMBEDDING, dense.OUTPUT):
+                if tensor.shape[0] < vocab:
+                    raise ConversionError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {vocab}")
+                tensor = tensor[:vocab]
+                if mtp_layers:
+                    kept[name] = tensor
+            add(name, tensor)
+        reader.finish(msg)
+
+    def emit_layer(message: str, layer: int, section: Section, shapes: dict[str, tuple[int, ...]]) -> None:
+        msg = reader.get(message)
+        P.check_shapes(msg, shapes, message)
+        emit(msg, section, layer)
+        if P.is_moe_layer(md, layer):
+            for first, experts in P.receive_experts(reader, message, md):
+                for name, tensor in experts_from_protocol(experts_out, experts, md, layer, first).items():
+                    add(name, tensor)
+
+    emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
+    layers = range(md.num_layers)
+    for layer in layers if planning else progress(layers, md.num_layers, "saver_hf"):
+        emit_layer(P.layer_message(layer), layer, layer_section(md, layer), P.layer_shapes(md, layer))
+    emit(reader.get(P.FINAL_NORM), dense.FINAL_NORM)
+    if md.output_layer:
+        emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)
+    for k in range(mtp_layers):
+        layer = md.num_layers + k
+        emit_layer(P.mtp_message(k), layer, mtp, P.mtp_shapes(md))
+        for copy, original in deepseek.MTP_COPIES.items():  # the official layout repeats them
+            add(f"model.layers.{layer}.{copy}", kept[original])
+    return P.receive_end(reader)
+
+
 def save(queue: Any, args: argparse.Namespace) -> None:
-    reader = P.MessageReader(queue, getattr(args, "checking", True))
+    observed = Observed(getattr(args, "experts_per_message", None) or 8)  # the loaders' default
+    reader = ObservingReader(queue, getattr(args, "checking", True), observed)
     md = P.receive_metadata(reader)
     block = fp8_block(args, md)
     if getattr(md, "lora_export", None):
@@ -185,55 +245,21 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         family.check_config(cfg, md)
     vocab = args.true_vocab_size or cfg.get("vocab_size") or md.true_vocab_size
     summary = Summary("saver_hf")
+    mtp = glm4_moe.MTP_LAYER if family is glm4_moe else deepseek.MTP_LAYER
+
+    def plan() -> list[Group]:
+        listing = Listing()
+        write_weights(planned_reader(md, vocab, observed, reader.checking), md, vocab, block, mtp, experts_out, listing,
+                      planning=True)
+        return listing.groups
+
     with StagedDir(args.save_dir, args.overwrite) as staged:
         manifest = Manifest(not getattr(args, "no_checksums", False))
-        writer = ShardedWriter(staged.path, parse_size(args.max_shard_size), manifest.checksums)
-
-        kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
-
-        def add(name: str, tensor: torch.Tensor) -> None:
-            if block is None:
-                writer.add(name, tensor)
-            elif fp8.RELEASE_QUANTIZED.fullmatch(name):  # quantized as its shard is written
-                weight = fp8.Fp8Weight(name, tensor, block)
-                writer.add_together({name: weight, name + fp8.SCALE_SUFFIX: weight.scale})
-            elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
-                writer.add(name, tensor.to(torch.bfloat16))  # as released; the router bias stays fp32
-            else:
-                writer.add(name, tensor)
-
-        def emit(msg: dict[str, Any], section: Section, layer: int | None = None) -> None:
-            for name, tensor in from_protocol(section, msg, md, layer).items():
-                if section in (dense.EMBEDDING, dense.OUTPUT):
-                    if tensor.shape[0] < vocab:
-                        raise ConversionError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {vocab}")
-                    tensor = kept[name] = tensor[:vocab]
-                add(name, tensor)
-            reader.finish(msg)
-
-        def emit_layer(message: str, layer: int, section: Section, shapes: dict[str, tuple[int, ...]]) -> None:
-            msg = reader.get(message)
-            P.check_shapes(msg, shapes, message)
-            emit(msg, section, layer)
-            if P.is_moe_layer(md, layer):
-                for first, experts in P.receive_experts(reader, message, md):
-                    for name, tensor in experts_from_protocol(experts_out, experts, md, layer, first).items():
-                        add(name, tensor)
-
-        emit(reader.get(P.EMBEDDINGS), dense.EMBEDDING)
-        for layer in progress(range(md.num_layers), md.num_layers, "saver_hf"):
-            emit_layer(P.layer_message(layer), layer, layer_section(md, layer), P.layer_shapes(md, layer))
-        emit(reader.get(P.FINAL_NORM), dense.FINAL_NORM)
-        if md.output_layer:
-            emit(reader.get(P.OUTPUT_LAYER), dense.OUTPUT)
-        for k in range(getattr(md, "mtp_num_layers", 0) or 0):
-            layer = md.num_layers + k
-            emit_layer(P.mtp_message(k), layer, glm4_moe.MTP_LAYER if family is glm4_moe else deepseek.MTP_LAYER, P.mtp_shapes(md))
-            for copy, original in deepseek.MTP_COPIES.items():  # the official layout repeats them
-                add(f"model.layers.{layer}.{copy}", kept[original])
-        if P.receive_end(reader) is not None:
-            print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
-        for path, (tensors, finished) in writer.close().items():
+        with ShardedWriter(staged.path, plan(), parse_size(args.max_shard_size), manifest.checksums, replan=plan) as writer:
+            if write_weights(reader, md, vocab, block, mtp, experts_out, writer) is not None:
+                print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
+            shards = writer.close()
+        for path, (tensors, finished) in shards.items():
             summary.add_file(path.stat().st_size)
             manifest.record(path.name, tensors)
             manifest.checksum_from(path, finished)

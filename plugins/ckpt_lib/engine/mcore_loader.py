@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from ..families.mcore_names import VOCAB, Param, detect_impl
 from ..families.mcore_version import detect_mtp_submodule
 from ..families.mindspeed import is_mindspeed
 from ..families.naming_profile import NamingProfile
-from ..io.megatron_io import find_iteration_dir, load_rank_file, rank_grid
+from ..io.megatron_io import FileMaps, find_iteration_dir, load_rank_file, rank_grid
+from ..io.safetensors_io import empty_shared
 from ..io.torch_dist import is_torch_dist
 from ..layout.pipeline import PipelineLayout, Segment, layout_from_counts, make_layout, parse_layer_list
 from ..layout.sharding import COLUMN, GATED, gather
@@ -67,10 +68,12 @@ class RankFiles:
         self.pp = 1 + max(k[1] for k in grid)
         self.ep = 1 + max(k[2] for k in grid)
         self._open: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.maps = FileMaps()
 
     def file(self, tp: int, pp: int, ep: int = 0) -> dict[str, Any]:
         if (tp, pp, ep) not in self._open:
             self._open[(tp, pp, ep)] = load_rank_file(self.grid[(tp, pp, ep)])
+            self.maps.add(self.grid[(tp, pp, ep)])
         return self._open[(tp, pp, ep)]
 
     def chunks(self, tp: int, pp: int, ep: int = 0) -> list[dict[str, Any]]:
@@ -135,6 +138,7 @@ class McoreLoader:
         self.tp_extend = bool(getattr(cargs, "moe_tp_extend_ep", False))
         self.te_grouped = self.impl == "transformer_engine" and any(".mlp.experts.linear_fc1.weight" in n for n in raw_names)
         self._chunks: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+        self._read: list[torch.Tensor] = []  # rank-file tensors read for the message being built
         self._adapters: dict[tuple[int, int, int], list[dict[str, dict[str, torch.Tensor]]]] = {}
         self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
         self.lora_files = self._lora_files(args.lora_load, f)
@@ -218,15 +222,17 @@ class McoreLoader:
             raise ConversionError("LoRA options given, but the checkpoint holds no LoRA adapters")
 
     def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
-                **fmt: int) -> dict[str, torch.Tensor]:
-        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged."""
+                empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = empty_shared, **fmt: int) -> dict[str, torch.Tensor]:
+        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged, joined into
+        `empty` (shared memory for the queue; None for experts, which are stacked into it next)."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
             name = prefix + param.name.format(**fmt)
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
+            self._read += shards
             rule = COLUMN if param.rule == VOCAB else param.rule
-            full = gather(shards, rule, name)
+            full = gather(shards, rule, name, empty)
             module = name.removesuffix(".weight")
             if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
                 full = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
@@ -239,13 +245,22 @@ class McoreLoader:
         for group in placement.groups:
             msg.update(self._gather(group.params, seg, group.prefix))
         queue.put({"name": placement.message, **msg})
+        self._copied()
         if placement.experts is None:
             return
         for first in range(0, self.md.num_experts, self.experts_per_message):
             experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
             parts = [self._gather_expert(e, seg, placement.experts) for e in experts]
-            stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+            stacked = {k: torch.stack([p[k] for p in parts], out=empty_shared((len(parts), *parts[0][k].shape), parts[0][k].dtype))
+                       for k in parts[0]}
             queue.put({"name": P.experts_message(placement.message), P.FIRST_EXPERT: first, **stacked})
+            self._copied()
+
+    def _copied(self) -> None:
+        """The rank-file tensors read for the message just sent were copied into it: their pages leave this
+        process's memory (a memory-mapped page read counts in it until unmapped: a whole stage by its end)."""
+        self.files.maps.drop_pages(self._read)
+        self._read = []
 
     def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
         a, b = gather_adapter(adapter_shards, rule, module)
@@ -256,7 +271,7 @@ class McoreLoader:
 
     def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         slot = self.plan.expert_slot(expert)
-        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, expert=slot.local)
+        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, None, expert=slot.local)
 
     def _gather_adapters(self, params: Iterable[Param], seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         """Protocol keys '<key> lora A' / '<key> lora B' of the adapted parameters (TP-gathered)."""

@@ -227,7 +227,7 @@ class Fp8Weight:
             raise ConversionError(f"--save-fp8: {name!r} is {weight.dtype} {list(weight.shape)}, not a 2-D float weight")
         self.name, self.weight, self.block = name, weight, block
         self.shape = weight.shape
-        self.scales = torch.empty(scale_grid(weight.shape, block), dtype=torch.float32)
+        self.scales = torch.empty(scale_grid(weight.shape, block), dtype=torch.float32, device=weight.device)  # meta in a dry run
         self.done = False
         self.scale = Fp8Scale(self)
 

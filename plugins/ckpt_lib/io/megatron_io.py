@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
+import mmap
 import pickle
 import re
 import resource
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,60 @@ def safe_globals_for(path: Path | None) -> list[Any]:
     # torch's safe_globals context removes on exit what it was given: leave megatron's registrations alone
     registered = set(torch.serialization.get_safe_globals())
     return [g for g in allowed if (g[0] if isinstance(g, tuple) else g) not in registered]
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+class FileMaps:
+    """Where this process maps the rank files it opened, so that the pages of tensors already copied out can
+    leave its memory. A page read through a memory map counts in the process's memory (RSS, PSS) until the
+    file is unmapped; dropped with MADV_DONTNEED it stays in the page cache and is mapped again if read again.
+    torch maps them MAP_PRIVATE and nothing writes into a loaded tensor, so no page dropped holds data of its
+    own; only addresses inside a recorded file mapping are ever dropped (never anonymous or shared memory)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.page = mmap.PAGESIZE
+        self._madvise = _libc_madvise()
+
+    def add(self, path: Path) -> None:
+        """Record the mappings of a file just opened (none where /proc or madvise is not available)."""
+        if self._madvise is None:
+            return
+        name = str(path.resolve())
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].rstrip("\n") == name:
+                        low, high = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((low, high))
+        except OSError:
+            return
+
+    def drop_pages(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Drop the pages holding these tensors' data (whole pages, edges shared with neighbours included)."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+            for low, high in self.ranges:
+                if low <= start and end <= high and start < end:
+                    first, last = max(low, start // self.page * self.page), min(high, -(-end // self.page) * self.page)
+                    self._madvise(first, last - first, MADV_DONTNEED)
+                    break
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def load_rank_file(path: Path) -> dict[str, Any]:

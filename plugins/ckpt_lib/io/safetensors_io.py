@@ -12,18 +12,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..errors import ConversionError
-from .block_file import BlockFile
+from .block_file import BLOCK, BlockFile
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -372,10 +373,25 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     return size
 
 
-def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-               checksum: bool = False) -> tuple[int, Future[str | None]]:
-    """`write_file` whose end is written in the background (`block_file`): its size now, and a
-    future done when the file is complete (its result the sha256 with `checksum`)."""
+class Spec(NamedTuple):
+    """What a safetensors header says of a tensor (a stand-in for it where its data is not there yet)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def spec(tensor: Any) -> Spec:
+    """The Spec of a tensor, meta tensor, Spec or anything written like one (`fp8.Fp8Weight`)."""
+    return Spec(tensor.dtype, tuple(tensor.shape))
+
+
+def encode_header(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's first bytes (length, JSON header, padding) for tensors stored in this order:
+    only their dtypes and shapes count, so a header can be written before any data exists."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -385,10 +401,17 @@ def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               checksum: bool = False) -> tuple[int, Future[str | None]]:
+    """`write_file` whose end is written in the background (`block_file`): its size now, and a
+    future done when the file is complete (its result the sha256 with `checksum`)."""
+    head = encode_header(tensors, metadata)
     f = BlockFile(path, checksum)
     try:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for t in tensors.values():
             if t.numel():
                 f.put(t.detach())
@@ -396,62 +419,170 @@ def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     except BaseException:
         f.discard()  # its buffer back to the pool
         raise
-    assert size == 8 + len(raw) + offset
+    assert size == len(head) + sum(t.nbytes for t in tensors.values())
     return size, finished
 
 
-class ShardedWriter:
-    """Writes tensors into HF-style shards of at most `max_shard_bytes` as they arrive."""
+Group = dict[str, Spec]  # tensors kept in one shard, in order (an FP8 weight and its scales)
 
-    def __init__(self, directory: Path, max_shard_bytes: int, checksum: bool = False) -> None:
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.checksum = checksum
-        self.pending: dict[str, Any] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, dict[str, torch.Tensor], Future[str | None]]] = []
-        self.total_bytes = 0
-        self.bytes_written = 0
+
+def split_shards(groups: Iterable[Group], max_shard_bytes: int) -> list[list[Group]]:
+    """Groups in order, a new shard begun when the next one would take the current past `max_shard_bytes`
+    (a group larger than that gets a shard of its own); at least one shard, empty for no groups."""
+    shards: list[list[Group]] = [[]]
+    size = 0
+    for group in groups:
+        nbytes = sum(t.nbytes for t in group.values())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(group)
+        size += nbytes
+    return shards
+
+
+class Listing:
+    """Stands in for a ShardedWriter in a dry run: lists the groups it is given, the plan a ShardedWriter needs."""
+
+    def __init__(self) -> None:
+        self.groups: list[Group] = []
+
+    def add(self, name: str, tensor: Any) -> None:
+        self.add_together({name: tensor})
+
+    def add_together(self, tensors: dict[str, Any]) -> None:
+        self.groups.append({name: spec(t) for name, t in tensors.items()})
+
+
+class ShardedWriter:
+    """HF-style shards of at most `max_shard_bytes`, streamed: planned from the whole sequence of tensor
+    groups the caller will add (`plan`), so each shard's header is written first and every tensor is copied
+    into the write buffers (`block_file`) as it is added and not kept: memory is the buffers, whatever the
+    shard size. The files are those a writer holding each shard's tensors until it was full would write.
+
+    A group that differs from the plan (a dtype the metadata could not tell) asks `replan` for the whole
+    sequence again, now right about it: the shards already complete cannot change (the split of a sequence
+    depends only on what came before); the open shard, if its header changes, is rewritten from its file.
+    A shard stays open until the group after it arrives, since that group's size decides where it ends."""
+
+    def __init__(self, directory: Path, plan: list[Group], max_shard_bytes: int, checksum: bool = False,
+                 replan: Callable[[], list[Group]] | None = None) -> None:
+        self.directory, self.max_shard_bytes, self.checksum, self.replan = directory, max_shard_bytes, checksum, replan
+        self.shards = split_shards(plan, max_shard_bytes)
+        self.index = 0  # the open (or next) shard
+        self.position = 0  # groups of it written
+        self.written = 0  # its data bytes written
+        self.file: BlockFile | None = None
+        self.done: list[tuple[Path, dict[str, Spec], Future[str | None]]] = []
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None and self.file is not None:
+            self.file.discard()  # a failed conversion: the open file's buffer back to the pool
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.add_together({name: tensor})
 
     def add_together(self, tensors: dict[str, Any]) -> None:
-        """Tensors kept in one shard, in this order (an FP8 weight and its scales): each with dtype, shape and
-        nbytes, its data a tensor or produced as it is written (`block_file.BlockFile.put`)."""
-        size = sum(t.nbytes for t in tensors.values())
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending.update(tensors)
-        self.pending_bytes += size
+        """Tensors kept in one shard, in this order (an FP8 weight and its scales), the next group of the plan:
+        each with dtype, shape and nbytes, its data a tensor or produced as it is written (`BlockFile.put`)."""
+        group = {name: spec(t) for name, t in tensors.items()}
+        if list(group.items()) != list(self._next().items()):
+            self._replan(group)
+        if self.position == len(self.shards[self.index]):
+            self._finish()
+        if self.file is None:
+            self.file = self._open(self.shards[self.index])
+        for t in tensors.values():
+            if t.numel():
+                self.file.put(t.detach())
+        self.position += 1
+        self.written += sum(t.nbytes for t in group.values())
 
-    def _flush(self) -> None:
-        path = self.directory / f".shard-{len(self.shards):05d}.tmp"
-        size, finished = start_file(path, self.pending, checksum=self.checksum)
-        self.bytes_written += size
-        self.shards.append((path, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in self.pending.items()}, finished))
-        self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+    def _next(self) -> Group:
+        if self.position < len(self.shards[self.index]):
+            return self.shards[self.index][self.position]
+        return self.shards[self.index + 1][0] if self.index + 1 < len(self.shards) else {}
 
-    def close(self) -> dict[Path, tuple[dict[str, torch.Tensor], Future[str | None]]]:
+    def _path(self) -> Path:
+        """The open shard's file until `close` names it."""
+        return self.directory / f".shard-{self.index:05d}.tmp"
+
+    def _open(self, shard: list[Group]) -> BlockFile:
+        f = BlockFile(self._path(), self.checksum)
+        f.write(encode_header({n: t for group in shard for n, t in group.items()}))
+        return f
+
+    def _finish(self) -> None:
+        """End the open shard (its last group written, the next one confirmed to begin the next shard)."""
+        assert self.file is not None or not self.shards[self.index]
+        if self.file is None:
+            self.file = self._open([])  # no tensors at all: one empty file, as save_pretrained writes
+        _, finished = self.file.close()
+        self.done.append((self._path(), {n: t for g in self.shards[self.index] for n, t in g.items()}, finished))
+        self.file, self.index, self.position, self.written = None, self.index + 1, 0, 0
+
+    def _replan(self, group: Group) -> None:
+        flat = [g for shard in self.shards for g in shard]
+        done = sum(len(shard) for shard in self.shards[:self.index]) + self.position
+        groups = self.replan() if self.replan is not None else flat
+        if _listed(groups[:done + 1]) != _listed(flat[:done] + [group]):
+            raise ConversionError(f"{_named(group)} is not the next tensor the plan of the output has "
+                                  f"({_named(flat[done]) if done < len(flat) else 'none'})")
+        shards = split_shards(groups, self.max_shard_bytes)
+        changed = _listed(shards[self.index]) != _listed(self.shards[self.index])
+        self.shards = shards
+        if changed and self.file is not None:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Write the open shard again under its new header, its data so far copied from the old file."""
+        assert self.file is not None
+        old = self._path().with_suffix(".old")
+        size, finished = self.file.close()
+        finished.result()
+        os.replace(self._path(), old)
+        self.file = self._open(self.shards[self.index])
+        chunk = torch.empty(BLOCK, dtype=torch.uint8)
+        with open(old, "rb") as f:
+            f.seek(size - self.written)
+            while n := f.readinto(memoryview(chunk.numpy())):
+                self.file.put(chunk[:n])
+        old.unlink()
+
+    def close(self) -> dict[Path, tuple[dict[str, Spec], Future[str | None]]]:
         """Name the shards like `save_pretrained`, write the index when there are several; returns
-        each shard's path with its tensors (as meta tensors, for the manifest) and its finished write
+        each shard's path with its tensors (as Specs, for the manifest) and its finished write
         (the sha256 with `checksum`)."""
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        final: dict[Path, tuple[dict[str, torch.Tensor], Future[str | None]]] = {}
+        if self.position < len(self.shards[self.index]) or self.index + 1 < len(self.shards):
+            raise ConversionError(f"the output ended before all planned tensors were written ({_named(self._next())} next)")
+        self._finish()
+        count = len(self.done)
+        final: dict[Path, tuple[dict[str, Spec], Future[str | None]]] = {}
         weight_map: dict[str, str] = {}
-        for i, (tmp, tensors, finished) in enumerate(self.shards):
+        for i, (tmp, tensors, finished) in enumerate(self.done):
             finished.result()  # complete (or its write error raised) before it is named
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.replace(tmp, self.directory / name)
             final[self.directory / name] = tensors, finished
             weight_map.update(dict.fromkeys(tensors, name))
         if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            total = sum(t.nbytes for tensors, _ in final.values() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return final
+
+
+def _listed(groups: list[Group]) -> list[list[tuple[str, Spec]]]:
+    """Groups compared in order (dicts compare equal in any order, headers do not)."""
+    return [list(group.items()) for group in groups]
+
+
+def _named(group: Group) -> str:
+    name, t = next(iter(group.items()))
+    return f"tensor {name!r} ({str(t.dtype).removeprefix('torch.')} {list(t.shape)})"
 
 
 def parse_size(text: str) -> int:

@@ -10,6 +10,7 @@ Rules (Megatron-Core naming):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,25 +87,38 @@ def split_stacked(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str
     return list(torch.chunk(t, tp, dim=dim))
 
 
-def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `split`: rebuild the full tensor (a (gate, up) pair for `gated`)."""
+def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor",
+           empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `split`: rebuild the full tensor (a (gate, up) pair for `gated`). With `empty`, the result is
+    copied once into `empty(shape, dtype)` (a loader's shared memory, queued without another copy), never a
+    view of a shard (whose storage the queue would otherwise move into shared memory, under the shard's owner)."""
+
+    def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        if empty is None:
+            return torch.cat(parts, dim=dim)
+        shape = list(parts[0].shape)
+        if len(parts) == 1:
+            return empty(shape, parts[0].dtype).copy_(parts[0])
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        return torch.cat(parts, dim=dim, out=empty(shape, parts[0].dtype))
+
     if rule == REPLICATED or (rule == ROW and shards[0].dim() == 1):
         first = shards[0]
         for i, other in enumerate(shards[1:], start=1):
             if other.shape != first.shape:
                 raise ConversionError(f"{what}: replicated shards differ in shape ({tuple(first.shape)} vs {tuple(other.shape)} on rank {i})")
-        return first
+        return first if empty is None else cat([first], 0)
     if rule == GATED:
         halves = []
         for i, s in enumerate(shards):
             if s.shape[0] % 2:
                 raise ConversionError(f"{what}: gated shard on rank {i} has an odd number of rows {s.shape[0]}")
             halves.append(torch.chunk(s, 2, dim=0))
-        return torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)
+        return cat([h[0] for h in halves], 0), cat([h[1] for h in halves], 0)
     dim = 0 if rule == COLUMN else 1
-    if len(shards) == 1:
+    if len(shards) == 1 and empty is None:
         return shards[0]
-    return torch.cat(shards, dim=dim)
+    return cat(shards, dim)
 
 
 def pad_vocab(table: torch.Tensor, padded_size: int) -> torch.Tensor:
