@@ -79,7 +79,7 @@ def make_model(directory: Path, size_gb: float, as_fp8: bool = False) -> dict:
     layers = max(4, 2 * round((size_gb * 1e9 - 4 * s["vocab_size"] * h) / moe_bytes / 2) - 2)  # + 1 MTP layer
     cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **s, "num_hidden_layers": layers,
            "num_key_value_heads": s["num_attention_heads"], "first_k_dense_replace": 1, "num_experts_per_tok": 8,
-           "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
+           "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
            "tie_word_embeddings": False, "dtype": "bfloat16"}
     if as_fp8:
