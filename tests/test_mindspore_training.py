@@ -65,9 +65,10 @@ def test_expert_moments_are_skipped_whole(tmp_path):
     assert_same_tensors(read_safetensors_dir(MERGED / "hf_qwen3_moe"), read_safetensors_dir(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("fixture", ["qwen3_pp2tp2", "qwen3_moe_tp2"])
-def test_checkpoint_1_to_mcore_tp2_matches_transformers(tmp_path, fixture):
-    """Qwen3 from two pipeline stages; Qwen3-MoE (grouped experts split by expert and by column) from TP2."""
+@pytest.mark.parametrize("fixture", ["qwen3_tp2", "qwen3_pp2tp2", "qwen3_dp2tp2_opt", "qwen3_ckpt2", "qwen3_moe_tp2"])
+def test_training_output_to_mcore_tp2_matches_transformers(tmp_path, fixture):
+    """Every Qwen3 fixture (TP2, two pipeline stages, optimizer parallel, Checkpoint 2.0) and Qwen3-MoE (grouped
+    experts split by expert and by column) from TP2."""
     from transformers import AutoModelForCausalLM
 
     _, original, flags = CASES[fixture]
@@ -79,7 +80,7 @@ def test_checkpoint_1_to_mcore_tp2_matches_transformers(tmp_path, fixture):
     assert (mcore_logits(tmp_path / "mc", TOKENS)[..., :100] - reference).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("fixture", ["deepseek3_pp2tp2", "deepseek3_ckpt2"])
+@pytest.mark.parametrize("fixture", ["deepseek3_tp2", "deepseek3_pp2tp2", "deepseek3_ckpt2"])
 def test_deepseek3_to_mcore_tp2_matches_transformers_with_mtp(tmp_path, fixture):
     """DeepSeek-V3 from two pipeline stages (MTP on the last; Checkpoint 1.0) and from Checkpoint 2.0."""
     from transformers import AutoModelForCausalLM
