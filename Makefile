@@ -48,8 +48,8 @@ test: env
 lint: env
 	$(PY) -m ruff check plugins tests bench convert.py install.py demo.py verify.py
 
-# `pip install .` into a fresh venv (torch first, as the README says), then the installed command from
-# outside the repository. CI runs it after the two README commands.
+# `pip install .` into a fresh venv (torch first, as the README says), then the installed commands from
+# outside the repository: help, a tiny conversion (a committed HF Qwen3 fixture to TP2) and its verification. CI runs it after the two README commands.
 package-check:
 	rm -rf /tmp/ckpt-package-check
 	$(PYTHON) -m venv /tmp/ckpt-package-check
@@ -57,6 +57,11 @@ package-check:
 	/tmp/ckpt-package-check/bin/pip install -q .
 	cd /tmp && /tmp/ckpt-package-check/bin/mcore-convert --loader hf --saver core_ext --help > /dev/null
 	cd /tmp && /tmp/ckpt-package-check/bin/mcore-verify --help > /dev/null
+	cd /tmp && /tmp/ckpt-package-check/bin/mcore-convert --model-type GPT --loader hf --saver core_ext \
+		--load-dir $(CURDIR)/tests/fixtures/mindspore/hf_qwen3 --save-dir /tmp/ckpt-package-check/out \
+		--target-tensor-parallel-size 2 > /dev/null
+	cd /tmp && /tmp/ckpt-package-check/bin/mcore-verify --source $(CURDIR)/tests/fixtures/mindspore/hf_qwen3 \
+		--converted /tmp/ckpt-package-check/out > /dev/null
 	rm -rf /tmp/ckpt-package-check build
 	@echo "package-check: pip install . gives working mcore-convert and mcore-verify"
 
