@@ -13,7 +13,7 @@ import torch
 
 from mcore_harness import mcore_logits, mcore_outputs, read_args
 from test_parity import mtp_reference
-from util import assert_same_tensors, convert_inprocess, hf_logits, read_mcore_dir, read_safetensors_dir
+from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_safetensors_dir
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 # Group routing megatron-core can express (num_experts_per_tok / topk_group = 2), q/k norm, q/k/v bias,
@@ -185,12 +185,7 @@ def test_fused_layout_gives_the_same_checkpoint(tmp_path, glm):
     model, _, path = glm
     fuse_experts(path, tmp_path / "fused")
     flags = [*LOCAL, *LAYOUTS["tp2ep2"], "--experts-per-message", "3"]
-    convert_inprocess("hf", "core_ext", path, tmp_path / "a", *flags)
-    convert_inprocess("hf", "core_ext", tmp_path / "fused", tmp_path / "b", *flags)
-    a, b = read_mcore_dir(tmp_path / "a"), read_mcore_dir(tmp_path / "b")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert_same_tensors(a[k], b[k])
+    assert_same_conversion(path, tmp_path / "fused", tmp_path, *flags)
     back_to_hf_is_exact(tmp_path / "b", path, tmp_path / "back")  # written back per expert, as transformers saves
 
 

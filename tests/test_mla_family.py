@@ -21,7 +21,15 @@ from mcore_harness import mcore_outputs, read_args
 from mcore_versions import missing, outputs_under
 from test_lora import ALPHA, R, reference_merge
 from test_parity import mtp_reference
-from util import assert_same_tensors, convert_inprocess, hf_logits, make_deepseek_model, read_mcore_dir, read_safetensors_dir
+from util import (
+    assert_same_conversion,
+    assert_same_tensors,
+    convert_inprocess,
+    hf_logits,
+    make_deepseek_model,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 # V2-Lite's release YaRN (mscale = mscale_all_dim = 0.707) on a 16-position original length (see test_yarn)
@@ -241,12 +249,7 @@ def test_fused_experts_and_te_names(tmp_path, tmp_path_factory):
     _, _, path = tiny(tmp_path_factory, "v2lite")
     fuse_experts(path, tmp_path / "fused")
     flags = ["--saver-transformer-impl", "transformer_engine", *LAYOUTS["tp2ep2"], "--experts-per-message", "3"]
-    convert_inprocess("hf", "core_ext", path, tmp_path / "a", *flags)
-    convert_inprocess("hf", "core_ext", tmp_path / "fused", tmp_path / "b", *flags)
-    a, b = read_mcore_dir(tmp_path / "a"), read_mcore_dir(tmp_path / "b")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert_same_tensors(a[k], b[k])
+    a = assert_same_conversion(path, tmp_path / "fused", tmp_path, *flags)
     names = set(a["mp_rank_01_001/model"])
     assert "decoder.layers.1.self_attention.linear_q_proj.weight" in names
     assert "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight" in names

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mcore_harness import mcore_logits, read_args
-from util import assert_same_tensors, convert_inprocess, hf_logits, read_mcore_dir, read_safetensors_dir
+from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_mcore_dir, read_safetensors_dir
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CONFIG = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -112,12 +112,7 @@ def test_fused_layout_gives_the_same_checkpoint(tmp_path, hf):
     fused_model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32).eval()
     assert (hf_logits(fused_model, TOKENS) - hf_logits(model, TOKENS)).abs().max() < 1e-5
     flags = ["--saver-transformer-impl", "local", *LAYOUTS["tp2ep2"], "--experts-per-message", "3"]
-    convert_inprocess("hf", "core_ext", path, tmp_path / "a", *flags)
-    convert_inprocess("hf", "core_ext", tmp_path / "fused", tmp_path / "b", *flags)
-    a, b = read_mcore_dir(tmp_path / "a"), read_mcore_dir(tmp_path / "b")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert_same_tensors(a[k], b[k])
+    assert_same_conversion(path, tmp_path / "fused", tmp_path, *flags)
     convert_inprocess("core_ext", "hf", tmp_path / "b", tmp_path / "back")  # written back per expert, as transformers saves
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 

@@ -153,6 +153,18 @@ DEEPSEEK_CONFIG = dict(
 )
 
 
+def assert_same_conversion(first: Path, second: Path, out: Path, *flags: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Two HF checkpoints of the same weights (e.g. per-expert and fused experts on disk) converted to core_ext
+    with `flags` (into out/a and out/b) give the same rank files; returns the first's, read back."""
+    convert_inprocess("hf", "core_ext", first, out / "a", *flags)
+    convert_inprocess("hf", "core_ext", second, out / "b", *flags)
+    a, b = read_mcore_dir(out / "a"), read_mcore_dir(out / "b")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert_same_tensors(a[k], b[k])
+    return a
+
+
 def make_deepseek_model(directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """A tiny DeepSeek-V3 (MLA, first layer dense, 8 routed experts + 1 shared, sigmoid routing with
     expert bias) saved with transformers, plus an MTP layer written into the safetensors as the
