@@ -108,7 +108,7 @@ def planned(tensors: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
 
 def stream(directory: Path, plan: list, tensors: list[dict[str, torch.Tensor]], max_bytes: int, replan=None) -> dict[str, bytes]:
     directory.mkdir()
-    with ShardedWriter(directory, plan, max_bytes, checksum=True, replan=replan) as writer:
+    with ShardedWriter(directory, plan, max_bytes, checksum="sha256", replan=replan) as writer:
         for g in tensors:
             writer.add_together(g)
         shards = writer.close()
@@ -145,7 +145,7 @@ def test_a_wrong_plan_is_made_again_and_the_bytes_are_the_same(tmp_path):
         calls.append(added[0])
         return truth[:added[0] + 1] + guess[added[0] + 1:]
 
-    writer = ShardedWriter(tmp_path / "out", guess, 1000, checksum=True, replan=replan)
+    writer = ShardedWriter(tmp_path / "out", guess, 1000, checksum="sha256", replan=replan)
     for group in tensors:
         writer.add_together(group)
         added[0] += 1

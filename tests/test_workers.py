@@ -96,3 +96,32 @@ def test_worker_option_errors(tmp_path, argv, message):
     result = convert_cli("--loader", "hf", "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "out"), *argv)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_auto_counts_cores_and_stages():
+    """A worker (loader + saver) per two cores, at most one per target stage, 1 where shares cannot be written."""
+    import argparse
+    from types import SimpleNamespace
+
+    from ckpt_lib.engine.driver import auto_workers
+
+    shared, whole = SimpleNamespace(SHARED_OUTPUT=True), SimpleNamespace()
+
+    def options(**kw):
+        return argparse.Namespace(**{"ckpt_format": "torch", "target_pipeline_parallel_size": 4, **kw})
+
+    assert [auto_workers(shared, options(), 1, cores=c) for c in (1, 2, 3, 6, 16)] == [1, 1, 1, 3, 4]
+    assert auto_workers(shared, options(target_pipeline_parallel_size=None), 1, cores=16) == 1
+    assert auto_workers(shared, options(ckpt_format="torch_dist"), 1, cores=16) == 1
+    assert auto_workers(whole, options(), 1, cores=16) == 1
+    assert auto_workers(shared, options(), 4, cores=16) == 1  # torchrun: every rank is one worker
+
+
+def test_workers_auto_on_the_command_line_writes_the_same_files(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    argv = ("--loader", "hf", "--saver", "core_ext", "--load-dir", str(tmp_path / "hf"), "--target-pipeline-parallel-size", "2")
+    convert(tmp_path / "auto", *argv, "--workers", "auto")
+    convert(tmp_path / "one", *argv, "--workers", "1")
+    assert snapshot(tmp_path / "auto") == snapshot(tmp_path / "one")
+    result = convert_cli(*argv, "--save-dir", str(tmp_path / "bad"), "--workers", "many")
+    assert result.returncode != 0 and "expected a number or auto, got 'many'" in result.stderr

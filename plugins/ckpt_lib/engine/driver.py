@@ -157,10 +157,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Do not perform checking on the name and ordering of weights")
     parser.add_argument("--verify", action="store_true",
                         help="After converting, compare every weight of the output with the input (see verify.py)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=workers_option, default="auto",
                         help="Worker processes, each converting its share of the output rank files (saver core_ext); "
-                             "under torchrun every rank is one worker")
+                             "auto: one per two usable cores, at most one per target pipeline stage, 1 where shares "
+                             "cannot be written; under torchrun every rank is one worker")
     return parser
+
+
+def workers_option(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
+def auto_workers(saver: ModuleType, args: argparse.Namespace, world: int, cores: int | None = None) -> int:
+    """`--workers auto`: a worker is a loader and a saver process, both busy, so one per two usable cores;
+    at most one per target pipeline stage (more would read the same layers twice); 1 where the output
+    cannot be shared (saver other than core_ext, torch_dist, torchrun)."""
+    if not getattr(saver, "SHARED_OUTPUT", False) or getattr(args, "ckpt_format", "torch") != "torch" or world > 1:
+        return 1
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(cores // 2, getattr(args, "target_pipeline_parallel_size", None) or 1))
 
 
 def help_request(argv: list[str]) -> tuple[bool, list[tuple[str, str]]]:
@@ -387,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     saver.add_arguments(parser)
     args = parser.parse_args(argv)
     world = torchrun_world_size()
+    if args.workers == "auto":
+        args.workers = auto_workers(saver, args, world)
     status = convert_shared(loader, saver, args, world) if args.workers != 1 or world > 1 else convert(loader, saver, args)
     if status == 0 and args.verify:
         status = run_verify(plugin_name(known.loader), args)

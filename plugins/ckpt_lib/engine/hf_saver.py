@@ -18,7 +18,7 @@ from ..errors import ConversionError
 from ..families import Section, deepseek, deepseek_v2, dense, experts_from_protocol, from_protocol, glm4_moe, hf_moe
 from ..families.lora import LORA_A, LORA_B
 from ..io import fp8
-from ..io.manifest import Manifest
+from ..io.manifest import Manifest, add_checksum_arguments, chosen_checksum
 from ..io.safetensors_io import Group, Listing, ShardedWriter, parse_size, start_file
 from ..io.staging import StagedDir, check_target
 from ..transport import protocol as P
@@ -45,8 +45,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Rows of the output vocabulary (default: from the source, else config.json)")
     group.add_argument("--overwrite", action="store_true", help="Replace a non-empty --save-dir")
-    group.add_argument("--no-checksums", action="store_true",
-                       help="Leave sha256 out of conversion_manifest.json (hashed as written, beside the conversion: 0.7 s of CPU per GB of output)")
+    add_checksum_arguments(group, "sha256", "sha256, what hubs compare: 0.55 s of CPU per GB; blake3: 0.2 s")
     group.add_argument("--save-fp8", action="store_true",
                        help="DeepSeek-V3 only: write the FP8 release layout (block-scaled float8_e4m3fn linear weights + _scale_inv)")
     group.add_argument("--fp8-block-size", type=int, default=None,
@@ -134,9 +133,9 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
         "base_model_name_or_path": args.hf_config_dir,
     }
     with StagedDir(args.save_dir, args.overwrite) as staged:
-        manifest = Manifest(not getattr(args, "no_checksums", False))
+        manifest = Manifest(chosen_checksum(args, "sha256"))
         adapter = staged.path / "adapter_model.safetensors"
-        size, finished = start_file(adapter, tensors, checksum=manifest.checksums)
+        size, finished = start_file(adapter, tensors, checksum=manifest.algorithm)
         summary.add_file(size)
         (staged.path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         manifest.record(adapter.name, tensors)
@@ -254,8 +253,8 @@ def save(queue: Any, args: argparse.Namespace) -> None:
         return listing.groups
 
     with StagedDir(args.save_dir, args.overwrite) as staged:
-        manifest = Manifest(not getattr(args, "no_checksums", False))
-        with ShardedWriter(staged.path, plan(), parse_size(args.max_shard_size), manifest.checksums, replan=plan) as writer:
+        manifest = Manifest(chosen_checksum(args, "sha256"))
+        with ShardedWriter(staged.path, plan(), parse_size(args.max_shard_size), manifest.algorithm, replan=plan) as writer:
             if write_weights(reader, md, vocab, block, mtp, experts_out, writer) is not None:
                 print("note: saver_hf: the optimizer state has no place in an HF checkpoint; ignored", flush=True)
             shards = writer.close()

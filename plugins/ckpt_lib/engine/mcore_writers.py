@@ -70,7 +70,7 @@ class RankFiles:
         if rank not in self.open:
             pp, ep, tp = rank
             path = self.root / rank_dir_name(tp, pp, ep, self.pp, self.ep) / "model_optim_rng.pt"
-            self.open[rank] = RankFileWriter(path, num_chunks, self.manifest.checksums)
+            self.open[rank] = RankFileWriter(path, num_chunks, self.manifest.algorithm)
         writer = self.open[rank]
         for name, tensor in self.profile.write(tensors, self.md).items():
             writer.add(chunk, name, tensor)

@@ -5,7 +5,7 @@ shard needs a contiguous copy first, in more new pages. Touching new memory is t
 conversion does on a VM whose freed pages go back to the host (measured here: 0.4-1.5 GB/s, against
 5 GB/s into memory used before). Here every tensor, strided or joined, is copied once into one of
 a few buffers that are used again and again; one background thread writes each full buffer to the
-device directly and another hashes it (sha256, in file order), side by side: nothing is read back.
+device directly and another hashes it (sha256 or blake3, in file order), side by side: nothing is read back.
 Where O_DIRECT is refused (tmpfs, some network file systems) the same buffers go through the page
 cache. Every file ends with fsync, so an output committed by rename survives a power loss.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import queue
@@ -26,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..layout.sharding import Joined
+from ..layout.sharding import Cast, Joined
+from .manifest import hasher
 
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of every common logical block size
 BLOCK = 16 << 20
@@ -41,7 +41,7 @@ class _Buffers:
         self.free: queue.Queue[tuple[mmap.mmap, torch.Tensor]] = queue.Queue()
         self.made = 0
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="block-writer")
-        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="block-sha256")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hash")
 
     def take(self) -> tuple[mmap.mmap, torch.Tensor]:
         try:
@@ -90,9 +90,10 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 class BlockFile:
     """A file written front to back: `write` for bytes, `put` for a tensor's data (any strides, or
-    `Joined`, or an object whose `chunks()` yields its data's pieces in order); a file object for torch's zip writer, whose `seek(n, SEEK_CUR)` places the pending tensor."""
+    `Joined`, or `Cast`, or an object whose `chunks()` yields its data's pieces in order); a file object for torch's zip writer, whose `seek(n, SEEK_CUR)` places the pending tensor."""
 
-    def __init__(self, path: Path, checksum: bool) -> None:
+    def __init__(self, path: Path, checksum: str | None) -> None:
+        """`checksum`: the digest to hash the file with as it is written (`manifest.CHECKSUMS`), or None."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)  # a data file: the umask decides, never executable
@@ -101,13 +102,13 @@ class BlockFile:
                 raise
             self.fd = os.open(path, flags, 0o666)
         self.path = path
-        self.digest = hashlib.sha256() if checksum else None
+        self.digest = hasher(checksum) if checksum else None
         self.pool = _buffers()
         self.buffer: tuple[mmap.mmap, torch.Tensor] | None = None
         self.fill = 0  # bytes in the buffer
         self.offset = 0  # file offset of the buffer's first byte
         self.tail = b""  # bytes past the last aligned boundary, kept while the buffer is lent out
-        self.pending: torch.Tensor | Joined | None = None
+        self.pending: torch.Tensor | Joined | Cast | None = None
         self.error: BaseException | None = None
         self.discarded = False
 
@@ -139,8 +140,11 @@ class BlockFile:
         pass
 
     # -- tensors
-    def put(self, value: torch.Tensor | Joined) -> None:
+    def put(self, value: torch.Tensor | Joined | Cast) -> None:
         if self.discarded:
+            return
+        if isinstance(value, Cast):
+            self._put_cast(value.source, value.dtype)
             return
         if isinstance(value, Joined):
             if value.dim != 0:
@@ -175,6 +179,37 @@ class BlockFile:
             target.copy_(rows_of_bytes[done:done + rows])
             self._advance(rows * row)
             done += rows
+
+    def _put_cast(self, source: torch.Tensor, dtype: torch.dtype) -> None:
+        """`source`'s values converted to `dtype` by the copy into the buffers, in rows of its last dimension
+        (a row-parallel shard's rows are strided). Tensors start 64-byte aligned in a rank file and blocks
+        end at multiples of every item size, so each copy's target is aligned for `dtype`."""
+        if source.dim() == 0:
+            source = source.reshape(1)
+        rows = source.flatten(0, -2) if source.dim() > 1 else source.reshape(1, -1)  # a view for 2-D shards
+        row = rows.shape[1] * dtype.itemsize
+        if row > BLOCK // 4:
+            for item in rows:
+                flat = item  # one contiguous row, in pieces that fit the buffer
+                done = 0
+                while done < flat.numel():
+                    buf = self._space()
+                    n = min(flat.numel() - done, (BLOCK - self.fill) // dtype.itemsize)
+                    buf[1][self.fill:self.fill + n * dtype.itemsize].view(dtype).copy_(flat[done:done + n])
+                    self._advance(n * dtype.itemsize)
+                    done += n
+            return
+        done = 0
+        while done < rows.shape[0]:
+            buf = self._space()
+            count = min(rows.shape[0] - done, (BLOCK - self.fill) // row)
+            if count == 0:
+                self._send(self.fill)  # too little room left for one row
+                continue
+            target = buf[1][self.fill:self.fill + count * row].view(dtype).view(count, rows.shape[1])
+            target.copy_(rows[done:done + count])
+            self._advance(count * row)
+            done += count
 
     def _put_bytes(self, flat: torch.Tensor) -> None:
         done = 0
@@ -243,7 +278,7 @@ class BlockFile:
             os.close(self.fd)
 
     def close(self) -> tuple[int, Future[str | None]]:
-        """Write what is left and end the file (in the background); the size now, the sha256 later."""
+        """Write what is left and end the file (in the background); the size now, the digest later."""
         buf = self._space()
         size, valid = self.offset + self.fill, self.fill
         self.buffer = None

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from .block_file import BlockFile, Joined
+from ..layout.sharding import Cast, Joined
+from .block_file import BlockFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -86,10 +87,10 @@ class RankFileWriter:
     `mmap=True` included (records stay 64-byte aligned). CRC32 is off, as torch.save allows: it
     halves the write speed and torch.load does not need it. Tensor data goes through
     `block_file.BlockFile`: views (row-parallel shards) and `Joined` parts are copied straight into
-    its reused buffers. The file is complete once `finished` is done (its result: the sha256).
+    its reused buffers. The file is complete once `finished` is done (its result: the digest).
     """
 
-    def __init__(self, path: Path, num_chunks: int, checksum: bool = True) -> None:
+    def __init__(self, path: Path, num_chunks: int, checksum: str | None = "sha256") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = BlockFile(path, checksum)
@@ -100,7 +101,7 @@ class RankFileWriter:
 
     def add(self, chunk: int, name: str, value: Any) -> None:
         """Write a tensor's bytes now, straight from its memory; keep only a reference."""
-        if isinstance(value, torch.Tensor | Joined):
+        if isinstance(value, torch.Tensor | Joined | Cast):
             if isinstance(value, torch.Tensor):
                 value = value.detach()
             ref = _StorageRef(str(self._records), value.dtype, value.shape.numel())

@@ -71,6 +71,7 @@ class SharedPool:
         self.lent: list[_Lent] = []
         self.held = 0
         self.reused = 0
+        self._maps: tuple[int, set[int] | None] | None = None  # (messages taken, the saver's mapped inodes then)
 
     def storage(self, nbytes: int) -> torch.UntypedStorage:
         self._collect()
@@ -105,12 +106,20 @@ class SharedPool:
                 still.append(lent)
                 continue
             if mapped is None:
-                mapped = _mapped_inodes(self.saver_pid)
+                mapped = self._saver_maps(taken)
             if mapped is None or lent.inode in mapped:
                 still.append(lent)
             else:
                 self.idle.setdefault(lent.nbytes, []).append(lent.fd)
         self.lent = still
+
+    def _saver_maps(self, taken: int) -> set[int] | None:
+        """The saver's mapped inodes, read again only once it has taken another message (reading its maps costs
+        1-2 ms, once per tensor before). A reading made once it had taken `taken` messages still proves (3) for
+        every buffer whose (2) holds at `taken`: the saver maps no buffer again after unpickling its messages."""
+        if self._maps is None or self._maps[0] != taken:
+            self._maps = (taken, _mapped_inodes(self.saver_pid))
+        return self._maps[1]
 
     def close(self) -> None:
         for fd in [lent.fd for lent in self.lent] + [fd for fds in self.idle.values() for fd in fds]:
@@ -405,9 +414,9 @@ def encode_header(tensors: dict[str, Any], metadata: dict[str, str] | None = Non
 
 
 def start_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-               checksum: bool = False) -> tuple[int, Future[str | None]]:
+               checksum: str | None = None) -> tuple[int, Future[str | None]]:
     """`write_file` whose end is written in the background (`block_file`): its size now, and a
-    future done when the file is complete (its result the sha256 with `checksum`)."""
+    future done when the file is complete (its result the `checksum` digest)."""
     head = encode_header(tensors, metadata)
     f = BlockFile(path, checksum)
     try:
@@ -465,7 +474,7 @@ class ShardedWriter:
     depends only on what came before); the open shard, if its header changes, is rewritten from its file.
     A shard stays open until the group after it arrives, since that group's size decides where it ends."""
 
-    def __init__(self, directory: Path, plan: list[Group], max_shard_bytes: int, checksum: bool = False,
+    def __init__(self, directory: Path, plan: list[Group], max_shard_bytes: int, checksum: str | None = None,
                  replan: Callable[[], list[Group]] | None = None) -> None:
         self.directory, self.max_shard_bytes, self.checksum, self.replan = directory, max_shard_bytes, checksum, replan
         self.shards = split_shards(plan, max_shard_bytes)
@@ -555,7 +564,7 @@ class ShardedWriter:
     def close(self) -> dict[Path, tuple[dict[str, Spec], Future[str | None]]]:
         """Name the shards like `save_pretrained`, write the index when there are several; returns
         each shard's path with its tensors (as Specs, for the manifest) and its finished write
-        (the sha256 with `checksum`)."""
+        (the `checksum` digest)."""
         if self.position < len(self.shards[self.index]) or self.index + 1 < len(self.shards):
             raise ConversionError(f"the output ended before all planned tensors were written ({_named(self._next())} next)")
         self._finish()

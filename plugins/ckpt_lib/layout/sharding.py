@@ -36,16 +36,34 @@ class Joined:
             raise TypeError("Joined: only a joined stack (dim > 0) can be indexed")
         return Joined([p[index] for p in self.parts], self.dim - 1)
 
-    def to(self, dtype: torch.dtype) -> Joined:
-        return self if dtype == self.dtype else Joined([p.to(dtype) for p in self.parts], self.dim)
+    def materialize(self) -> torch.Tensor:
+        return torch.cat([materialize(p) for p in self.parts], self.dim)
+
+
+class Cast:
+    """A tensor written in another dtype (`--params-dtype`), converted in the one copy into the output file's
+    buffer: no converted full-size copy in memory."""
+
+    def __init__(self, source: torch.Tensor, dtype: torch.dtype) -> None:
+        self.source, self.dtype, self.shape = source, dtype, source.shape
+        self.nbytes = source.numel() * dtype.itemsize
 
     def materialize(self) -> torch.Tensor:
-        return torch.cat(self.parts, self.dim)
+        return self.source.to(self.dtype)
+
+
+def cast(value: torch.Tensor | Joined, dtype: torch.dtype) -> torch.Tensor | Joined | Cast:
+    """`value` as `dtype`, converted only when written (or materialized)."""
+    if value.dtype == dtype:
+        return value
+    if isinstance(value, Joined):
+        return Joined([cast(p, dtype) for p in value.parts], value.dim)
+    return Cast(value, dtype)
 
 
 def materialize(value: Any) -> Any:
     """A real tensor for code that computes with it (renames that regroup, quantisation)."""
-    return value.materialize() if isinstance(value, Joined) else value
+    return value.materialize() if isinstance(value, Joined | Cast) else value
 
 
 def _check_divisible(size: int, tp: int, what: str) -> None:
