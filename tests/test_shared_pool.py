@@ -63,6 +63,9 @@ def test_buffers_are_used_again_only_when_nobody_sees_them():
         assert _inode(kept[-1]) != inode  # the saver's process still maps it
         inbox.put("drop")
         assert outbox.get(timeout=60) == "dropped"
+        kept.append(pool.storage(2 * MB))
+        assert _inode(kept[-1]) != inode  # its maps are read again only once it has taken another message
+        messages[:] = [10, 10]
         assert _inode(pool.storage(2 * MB)) == inode and pool.reused == 2
     finally:
         saver.join(timeout=60)

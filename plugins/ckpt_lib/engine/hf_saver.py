@@ -21,6 +21,7 @@ from ..io import fp8
 from ..io.manifest import Manifest, add_checksum_arguments, chosen_checksum
 from ..io.safetensors_io import Group, Listing, ShardedWriter, parse_size, start_file
 from ..io.staging import StagedDir, check_target
+from ..layout.sharding import Joined, materialize
 from ..transport import protocol as P
 from ..transport.export_plan import Observed, ObservingReader, planned_reader
 from ..transport.runtime import Summary, progress
@@ -115,7 +116,7 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
             if f"{rel.keys[0]} {LORA_B}" not in msg:
                 continue
             a_parts = [P.take(msg, f"{k} {LORA_A}") for k in rel.keys]
-            b_parts = rel.op.backward(tuple(P.take(msg, f"{k} {LORA_B}") for k in rel.keys), md)
+            b_parts = [materialize(b) for b in rel.op.backward(tuple(P.take(msg, f"{k} {LORA_B}") for k in rel.keys), md)]
             rank = a_parts[0].shape[0]
             for source, b in zip(rel.source, b_parts):
                 module = "base_model.model." + prefix + source.removesuffix(".weight")
@@ -174,10 +175,12 @@ def write_weights(reader: P.MessageReader, md: argparse.Namespace, vocab: int, b
     mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
     kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
 
-    def add(name: str, tensor: torch.Tensor) -> None:
+    def add(name: str, tensor: torch.Tensor | Joined) -> None:
         if block is None:
             writer.add(name, tensor)
-        elif fp8.RELEASE_QUANTIZED.fullmatch(name):  # quantized as its shard is written
+            return
+        tensor = materialize(tensor)
+        if fp8.RELEASE_QUANTIZED.fullmatch(name):  # quantized as its shard is written
             weight = fp8.Fp8Weight(name, tensor, block)
             writer.add_together({name: weight, name + fp8.SCALE_SUFFIX: weight.scale})
         elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):

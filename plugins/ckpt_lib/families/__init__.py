@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConversionError
 from ..io.safetensors_io import Pending, empty_shared
+from ..layout.sharding import Joined
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -96,7 +97,8 @@ def _deinterleave_qkv(tensors: Tensors, md: Any) -> Tensors:
         raise ConversionError(f"linear_qkv has {fused.shape[0]} rows, expected {rows}")
     rest = fused.shape[1:]
     q, k, v = torch.split(fused.reshape(groups, (heads_per_group + 2) * dim, *rest), [heads_per_group * dim, dim, dim], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+    # Each group's rows as they lie in the fused tensor, written one after another: no gathered copy (`Joined`).
+    return tuple(Joined(list(part.unbind(0))) if groups > 1 else part[0] for part in (q, k, v))
 
 
 RENAME = Op("rename", _identity, _identity)

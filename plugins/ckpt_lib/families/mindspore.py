@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import ConversionError
+from ..layout.sharding import materialize
 from ..transport import protocol as P
 from . import QKV, RENAME, Op, Relation, Section, Tensors, concat, stack
 
@@ -70,7 +71,7 @@ def _plain_to_interleaved_qkv(tensors: Tensors, md: Any) -> Tensors:
 
 
 def _interleaved_to_plain_qkv(tensors: Tensors, md: Any) -> Tensors:
-    return (concat(QKV.backward(tensors, md), dim=0),)
+    return (concat([materialize(t) for t in QKV.backward(tensors, md)], dim=0),)
 
 
 FC1_INTERLEAVED = Op("fc1-row-interleaved", _deinterleave_rows, _interleave_rows)

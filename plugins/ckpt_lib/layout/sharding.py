@@ -39,6 +39,13 @@ class Joined:
     def materialize(self) -> torch.Tensor:
         return torch.cat([materialize(p) for p in self.parts], self.dim)
 
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def detach(self) -> Joined:
+        """Written as it is (the writers' tensor interface)."""
+        return self
+
 
 class Cast:
     """A tensor written in another dtype (`--params-dtype`), converted in the one copy into the output file's
