@@ -19,7 +19,7 @@ import torch
 from ..errors import ConversionError
 from ..families import Section, deepseek, dense, experts_to_protocol, glm4_moe, qwen3_moe, to_protocol
 from ..families.hf_moe import FAMILIES as SOFTMAX_MOE
-from ..io.safetensors_io import SafetensorsSource
+from ..io.safetensors_io import SafetensorsSource, empty_shared
 from ..transport import protocol as P
 from ..transport.runtime import progress
 from ..transport.shares import layers_to_send
@@ -45,8 +45,15 @@ class Step:
             first, count = self.experts
             msg = {P.FIRST_EXPERT: first, **experts_to_protocol(self.section, read, md, self.layer, first, count)}
         if self.cast is not None:
-            msg = {k: v.to(self.cast) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in msg.items()}
+            msg = {k: cast_shared(v, self.cast) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                   for k, v in msg.items()}
         return msg
+
+
+def cast_shared(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype`, converted straight into shared memory: the queue then passes it by handle (`t.to(dtype)`
+    made private memory, which the queue copied again into shared memory)."""
+    return t if t.dtype == dtype else empty_shared(t.shape, dtype).copy_(t)
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
