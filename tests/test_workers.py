@@ -117,6 +117,27 @@ def test_workers_auto_counts_cores_and_stages():
     assert auto_workers(shared, options(), 4, cores=16) == 1  # torchrun: every rank is one worker
 
 
+def test_workers_auto_keeps_optimizer_state_in_one_process(tmp_path):
+    """A core_ext source with distributed-optimizer state: carried by one process, so auto is 1 unless --no-load-optim."""
+    import argparse
+    from types import SimpleNamespace
+
+    from ckpt_lib.engine.driver import auto_workers
+
+    (tmp_path / "iter_0000010" / "mp_rank_00_000").mkdir(parents=True)
+    (tmp_path / "iter_0000010" / "mp_rank_00_000" / "distrib_optim.pt").write_bytes(b"")
+    shared = SimpleNamespace(SHARED_OUTPUT=True)
+
+    def options(**kw):
+        return argparse.Namespace(**{"ckpt_format": "torch", "target_pipeline_parallel_size": 4, "load_dir": str(tmp_path),
+                                     "no_load_optim": False, **kw})
+
+    assert auto_workers(shared, options(), 1, cores=16) == 1
+    assert auto_workers(shared, options(no_load_optim=True), 1, cores=16) == 4
+    (tmp_path / "iter_0000010" / "mp_rank_00_000" / "distrib_optim.pt").unlink()
+    assert auto_workers(shared, options(), 1, cores=16) == 4
+
+
 def test_workers_auto_on_the_command_line_writes_the_same_files(tmp_path):
     make_hf_model("llama", tmp_path / "hf")
     argv = ("--loader", "hf", "--saver", "core_ext", "--load-dir", str(tmp_path / "hf"), "--target-pipeline-parallel-size", "2")

@@ -176,11 +176,22 @@ def workers_option(value: str) -> int | str:
 def auto_workers(saver: ModuleType, args: argparse.Namespace, world: int, cores: int | None = None) -> int:
     """`--workers auto`: a worker is a loader and a saver process, both busy, so one per two usable cores;
     at most one per target pipeline stage (more would read the same layers twice); 1 where the output
-    cannot be shared (saver other than core_ext, torch_dist, torchrun)."""
+    cannot be shared (saver other than core_ext, torch_dist, torchrun, distributed-optimizer state to carry)."""
     if not getattr(saver, "SHARED_OUTPUT", False) or getattr(args, "ckpt_format", "torch") != "torch" or world > 1:
+        return 1
+    if carries_optimizer_state(args):
         return 1
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
     return max(1, min(cores // 2, getattr(args, "target_pipeline_parallel_size", None) or 1))
+
+
+def carries_optimizer_state(args: argparse.Namespace) -> bool:
+    """Whether a core_ext source's distributed-optimizer state will be carried (a single-process job)."""
+    from .optimizer_state import OPTIM_FILE
+
+    if not hasattr(args, "no_load_optim") or args.no_load_optim:
+        return False
+    return next(Path(args.load_dir).rglob(OPTIM_FILE), None) is not None
 
 
 def help_request(argv: list[str]) -> tuple[bool, list[tuple[str, str]]]:
