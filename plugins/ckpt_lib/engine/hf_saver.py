@@ -166,7 +166,7 @@ def fp8_block(args: argparse.Namespace, md: ModelSpec) -> tuple[int, int] | None
         if args.fp8_block_size < 1:
             raise ConversionError(f"--fp8-block-size {args.fp8_block_size}: must be >= 1")
         return args.fp8_block_size, args.fp8_block_size
-    return fp8.recorded_block(md) or (128, 128)
+    return fp8.recorded_block(md.source_quantization, md.hf_config) or (128, 128)
 
 
 def write_weights(reader: P.MessageReader, md: ModelSpec, vocab: int, block: tuple[int, int] | None, mtp: Section,

@@ -62,7 +62,7 @@ def megatron_args(md: ModelSpec, *, tp: int, pp: int, ep: int, padded_vocab_size
         mtp_num_layers=md.mtp_num_layers or None,
     )
     if md.mla:
-        args.__dict__.update(dataclasses.asdict(md.mla))
+        vars(args).update(dataclasses.asdict(md.mla))
         rope_scaling.write_args(args, md, naming)
     if moe:
         first_k = moe.first_k_dense_replace

@@ -123,7 +123,8 @@ def plain_softmax_router(moe: MoESpec) -> bool:
 
 def flags(md: ModelSpec) -> str:
     """The settings that tell these families apart, for error lines."""
-    moe = md.moe or MoESpec(num_experts=0, ffn_hidden_size=0, first_k_dense_replace=0, router_enable_expert_bias=False)
+    moe = md.moe
+    assert moe is not None
     named = {"q/k norm": md.qk_layernorm, "qkv bias": md.qkv_bias,
              "shared expert": moe.shared_expert_intermediate_size, "shared-expert gate": moe.shared_expert_gate,
              "router": moe.router_score_function, "pre-softmax": moe.router_pre_softmax or False,

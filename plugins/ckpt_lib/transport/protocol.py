@@ -208,6 +208,11 @@ def spec_from_metadata(md: argparse.Namespace) -> ModelSpec:
                      lora_export=LoraExport(**lora) if lora else None, share_layers=None if share is None else tuple(share))
 
 
+def spec_from_message(md: Any) -> ModelSpec:
+    """The spec of a metadata message as it came off the queue (ours, or an upstream loader's SimpleNamespace)."""
+    return spec_from_metadata(normalize_metadata(argparse.Namespace(**vars(md))))
+
+
 class LoaderExited(Exception):
     """The loader put "exit" on the queue."""
 
@@ -335,7 +340,7 @@ def layer_shapes(md: ModelSpec | argparse.Namespace, layer: int = 0) -> dict[str
     """Expected shape of every key of a layer message the metadata implies (what savers check), from a spec
     or the Namespace on the queue."""
     if not isinstance(md, ModelSpec):
-        md = spec_from_metadata(normalize_metadata(argparse.Namespace(**vars(md))))
+        md = spec_from_message(md)
     h = md.hidden_size
     shapes = {INPUT_NORM_W: (h,), POST_NORM_W: (h,)}
     if md.norm_has_bias:
