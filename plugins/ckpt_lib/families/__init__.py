@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConversionError
 from ..io.safetensors_io import Pending, empty_shared
-from ..transport.spec import ModelSpec, holds
+from ..transport.spec import ModelSpec, flag_holds
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -107,7 +107,7 @@ QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv, joins=True)
 @dataclass(frozen=True)
 class Relation:
     """Source names (relative to a prefix) <-> protocol keys through `op`, when the spec flag `when` holds
-    (`spec.holds`: a field path such as `mla.q_lora_rank`, `!` negating it)."""
+    (`spec.flag_holds`: a field path such as `mla.q_lora_rank`, `!` negating it)."""
 
     source: tuple[str, ...]
     keys: tuple[str, ...]
@@ -115,7 +115,7 @@ class Relation:
     when: str | None = None
 
     def applies(self, md: ModelSpec) -> bool:
-        return self.when is None or holds(md, self.when)
+        return self.when is None or flag_holds(md, self.when)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class Section:
     when: str | None = None
 
     def applies(self, md: ModelSpec) -> bool:
-        return self.when is None or holds(md, self.when)
+        return self.when is None or flag_holds(md, self.when)
 
     def active(self, md: ModelSpec) -> list[Relation]:
         return [r for r in self.relations if r.applies(md)]

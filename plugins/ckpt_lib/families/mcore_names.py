@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..layout.sharding import COLUMN, GATED, REPLICATED, ROW
 from ..transport import protocol as P
-from ..transport.spec import ModelSpec, holds
+from ..transport.spec import ModelSpec, flag_holds
 
 VOCAB = "vocab"  # column split after padding the vocabulary
 
@@ -19,7 +19,7 @@ VOCAB = "vocab"  # column split after padding the vocabulary
 class Param:
     """Megatron name suffix <- protocol keys (two for a gated fc1) split by `rule`.
 
-    `when` lists spec flags (`spec.holds`) that must all hold; a leading '!' negates one.
+    `when` lists spec flags (`spec.flag_holds`) that must all hold; a leading '!' negates one.
     """
 
     name: str
@@ -29,7 +29,7 @@ class Param:
     fp32: bool = False  # kept in fp32 whatever the params dtype (Megatron's router expert_bias)
 
     def applies(self, md: ModelSpec) -> bool:
-        return all(holds(md, flag) for flag in self.when)
+        return all(flag_holds(md, flag) for flag in self.when)
 
 
 TE = "transformer_engine"

@@ -119,7 +119,7 @@ class ModelSpec:
         return self.position_embedding_type == "learned_absolute"
 
 
-def holds(spec: Any, flag: str) -> bool:
+def flag_holds(spec: Any, flag: str) -> bool:
     """Whether a spec flag holds, for declarative tables: a field path (`qkv_bias`, `mla.q_lora_rank`,
     `moe.shared_expert_gate`; a missing sub-spec is false), `!` in front negating it."""
     value = spec
