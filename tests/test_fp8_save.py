@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -12,8 +13,9 @@ from test_fp8 import BLOCK, QUANTIZED, Release, dequantize, quantize
 
 from ckpt_lib.engine.hf_saver import fp8_block
 from ckpt_lib.errors import ConversionError
+from ckpt_lib.families import deepseek
 from ckpt_lib.io import fp8
-from util import convert_inprocess, make_deepseek_model, make_hf_model, read_safetensors_dir
+from util import DEEPSEEK_CONFIG, convert_inprocess, make_deepseek_model, make_hf_model, read_safetensors_dir
 
 MTP = ["--mtp-num-layers", "1"]
 LOCAL = ["--saver-transformer-impl", "local"]
@@ -158,12 +160,12 @@ def test_quantizer_rule_edges():
 
 
 def test_block_size_defaults():
-    md = argparse.Namespace(multi_latent_attention=True, num_experts=8, hf_config={})
+    md = dataclasses.replace(deepseek.metadata_from_hf(DEEPSEEK_CONFIG, torch.float32, 0), hf_config={})
     args = argparse.Namespace(save_fp8=True, fp8_block_size=None)
     assert fp8_block(args, md) == (128, 128)
-    md.hf_config = {"quantization_config": {"weight_block_size": [64, 64]}}
+    md = dataclasses.replace(md, hf_config={"quantization_config": {"weight_block_size": [64, 64]}})
     assert fp8_block(args, md) == (64, 64)
-    md.source_quantization = {"weight_block_size": [32, 32]}
+    md = dataclasses.replace(md, source_quantization={"weight_block_size": [32, 32]})
     assert fp8_block(args, md) == (32, 32)
     assert fp8_block(argparse.Namespace(save_fp8=True, fp8_block_size=16), md) == (16, 16)
     assert fp8_block(argparse.Namespace(save_fp8=False, fp8_block_size=None), md) is None

@@ -5,6 +5,7 @@ test_upstream.py, real megatron-core 0.12/0.19 loads in test_mcore_versions.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import queue
@@ -14,9 +15,18 @@ import pytest
 import torch
 
 from ckpt_lib.errors import ConversionError
-from ckpt_lib.families import mcore_version
+from ckpt_lib.families import deepseek, mcore_version
 from ckpt_lib.transport import protocol as P
-from util import assert_same_tensors, convert_cli, convert_inprocess, make_deepseek_model, read_mcore_dir, read_safetensors_dir
+from ckpt_lib.transport.spec import LoraExport, RopeScaling
+from util import (
+    DEEPSEEK_CONFIG,
+    assert_same_tensors,
+    convert_cli,
+    convert_inprocess,
+    make_deepseek_model,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 MTP = ["--mtp-num-layers", "1", "--saver-transformer-impl", "local"]
 LAYOUT = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2"]
@@ -125,3 +135,16 @@ def test_savers_take_upstream_simple_namespace():
     q.put({"name": "embeddings"})
     with pytest.raises(ConversionError, match="must be the metadata namespace"):
         P.receive_metadata(P.MessageReader(q))
+
+
+def test_spec_survives_the_queue_form():
+    """The metadata Namespace carries the whole spec: the saver reads back the spec the loader sent (MLA, MoE,
+    YaRN, LoRA export, a worker's layers; and a dense model with none of them)."""
+    mla_moe = deepseek.metadata_from_hf(DEEPSEEK_CONFIG, torch.bfloat16, 1)
+    dense = dataclasses.replace(mla_moe, mla=None, moe=None, mtp_num_layers=0, qk_layernorm=True, hf_config=None)
+    extras = dataclasses.replace(mla_moe, rope_scaling=RopeScaling(40.0, 1.0, 0.707, 4096, 32.0, 1.0),
+                                 lora_export=LoraExport(8, 16.0, True), share_layers=(0, 2))
+    for spec in (mla_moe, dense, extras):
+        q: queue.Queue = queue.Queue()
+        P.send_spec(q, spec, argparse.Namespace(saver="core_ext"))
+        assert P.receive_spec(P.MessageReader(q)) == spec

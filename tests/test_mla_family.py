@@ -328,8 +328,9 @@ RELEASES = {
 
 def release_metadata(cfg, **flags):
     from ckpt_lib.engine.hf_deepseek_loader import metadata
+    from ckpt_lib.transport.protocol import metadata_from_spec
 
-    return metadata(dict(cfg), torch.bfloat16, argparse.Namespace(mtp_num_layers=0, **flags))
+    return metadata_from_spec(metadata(dict(cfg), torch.bfloat16, argparse.Namespace(mtp_num_layers=0, **flags)))
 
 
 def test_release_configs():

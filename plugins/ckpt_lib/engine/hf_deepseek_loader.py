@@ -12,6 +12,7 @@ to the saver's `--params-dtype` when given, else to the dtype of the checkpoint'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..io import fp8
 from ..io.safetensors_io import SafetensorsSource
 from ..layout.pipeline import parse_layer_list
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec
 from .hf_loader import (
     add_latent_norm_eps,
     add_strict,
@@ -49,8 +51,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     add_strict(group)
 
 
-def metadata(cfg: dict[str, Any], dtype: Any, args: argparse.Namespace) -> argparse.Namespace:
-    """The metadata of an MLA config by its transformers class, after refusing what megatron-core cannot compute."""
+def metadata(cfg: dict[str, Any], dtype: Any, args: argparse.Namespace) -> ModelSpec:
+    """The model spec of an MLA config by its transformers class, after refusing what megatron-core cannot compute."""
     deepseek.check_hf_config(cfg, getattr(args, "accept_latent_norm_eps", False))
     if cfg.get("model_type") in deepseek.V2_MODEL_TYPES:
         if getattr(args, "mtp_num_layers", 0):
@@ -94,11 +96,12 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     if isinstance(source, fp8.Fp8Source):
         # kept in hf_config (it travels into Megatron checkpoints) for a saver that writes FP8 again;
         # saver_hf writes the dequantized weights and leaves it out of config.json
-        md.source_quantization = source.quantization
+        md = dataclasses.replace(md, source_quantization=source.quantization)
         print(f"loader_hf_deepseek3: FP8 checkpoint ({len(source.scales)} block-scaled weights, blocks of "
               f"{list(source.block)}): dequantized to {str(dtype).removeprefix('torch.')} while reading")
     else:
-        md.hf_config.pop("quantization_config", None)  # a dequantized copy's stale setting
+        stale = "quantization_config"  # a dequantized copy's stale setting
+        md = dataclasses.replace(md, hf_config={k: v for k, v in (md.hf_config or {}).items() if k != stale})
     if mtp and (cfg.get("num_nextn_predict_layers") or 0) < 1:
         raise ConversionError("--mtp-num-layers 1, but config.json has num_nextn_predict_layers 0")
     plan = deepseek_plan(md, per_message, experts=qwen3_moe_experts(source, md))  # per-expert or fused [E, ...] on disk

@@ -8,6 +8,7 @@ misshapen or unmapped tensor is reported before the first message is sent; then 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..io.safetensors_io import SafetensorsSource, empty_shared
 from ..transport import protocol as P
 from ..transport.runtime import progress
 from ..transport.shares import layers_to_send
+from ..transport.spec import ModelSpec
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,7 +40,7 @@ class Step:
     experts: tuple[int, int] | None = None  # (first, count) for a routed-experts message
     cast: torch.dtype | None = None  # round floating tensors once to this dtype (loader --params-dtype)
 
-    def build(self, read: Callable[[str], Any], md: argparse.Namespace) -> dict[str, Any]:
+    def build(self, read: Callable[[str], Any], md: ModelSpec) -> dict[str, Any]:
         if self.experts is None:
             msg = to_protocol(self.section, read, md, self.layer)
         else:
@@ -97,11 +99,11 @@ def read_json(path: Path) -> Any:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
 
 
-def _globals(md: argparse.Namespace, section: Section) -> Step:
+def _globals(md: ModelSpec, section: Section) -> Step:
     return Step(section.message, section, None, P.global_shapes(md, md.vocab_size)[section.message])
 
 
-def dense_plan(md: argparse.Namespace, sections: tuple[Section, Section, Section, Section] | None = None) -> list[Step]:
+def dense_plan(md: ModelSpec, sections: tuple[Section, Section, Section, Section] | None = None) -> list[Step]:
     """Embeddings, layers, final norm, output layer (untied) from a table's four sections."""
     embedding, layer, final_norm, output = sections or (dense.EMBEDDING, dense.LAYER, dense.FINAL_NORM, dense.OUTPUT)
     steps = [_globals(md, embedding)]
@@ -112,16 +114,17 @@ def dense_plan(md: argparse.Namespace, sections: tuple[Section, Section, Section
     return steps
 
 
-def _expert_steps(md: argparse.Namespace, message: str, layer: int, per_message: int,
+def _expert_steps(md: ModelSpec, message: str, layer: int, per_message: int,
                   experts: Section = deepseek.EXPERTS) -> list[Step]:
+    num_experts = md.moe.num_experts if md.moe else 0
     return [
-        Step(P.experts_message(message), experts, layer, P.expert_shapes(md, min(per_message, md.num_experts - first)),
-             (first, min(per_message, md.num_experts - first)))
-        for first in range(0, md.num_experts, per_message)
+        Step(P.experts_message(message), experts, layer, P.expert_shapes(md, min(per_message, num_experts - first)),
+             (first, min(per_message, num_experts - first)))
+        for first in range(0, num_experts, per_message)
     ]
 
 
-def moe_plan(md: argparse.Namespace, layer_section: Callable[[argparse.Namespace, int], Section], experts: Section,
+def moe_plan(md: ModelSpec, layer_section: Callable[[ModelSpec, int], Section], experts: Section,
              experts_per_message: int) -> list[Step]:
     """Embeddings, layers (each MoE layer followed by its experts), final norm, output layer (untied)."""
     steps = [_globals(md, dense.EMBEDDING)]
@@ -135,8 +138,8 @@ def moe_plan(md: argparse.Namespace, layer_section: Callable[[argparse.Namespace
     return steps
 
 
-def deepseek_plan(md: argparse.Namespace, experts_per_message: int,
-                  layer_section: Callable[[argparse.Namespace, int], Section] = deepseek.layer_section,
+def deepseek_plan(md: ModelSpec, experts_per_message: int,
+                  layer_section: Callable[[ModelSpec, int], Section] = deepseek.layer_section,
                   experts: Section = deepseek.EXPERTS, mtp_layer: Section = deepseek.MTP_LAYER) -> list[Step]:
     """Embeddings, layers (each MoE layer followed by its experts), final norm, output, then MTP
     (DeepSeek-V3's tables unless given: GLM-4.5 has the same plan)."""
@@ -148,7 +151,7 @@ def deepseek_plan(md: argparse.Namespace, experts_per_message: int,
     return steps
 
 
-def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], ignored: set[str]) -> None:
+def validate(source: SafetensorsSource, md: ModelSpec, plan: list[Step], ignored: set[str]) -> None:
     """Run the whole plan on meta tensors: missing, misshapen and unmapped tensors fail here."""
     read: set[str] = set(ignored)
 
@@ -170,13 +173,13 @@ def validate(source: SafetensorsSource, md: argparse.Namespace, plan: list[Step]
         raise ConversionError(f"unmapped tensors in the checkpoint: {', '.join(leftover[:5])}{more}")
 
 
-def stream(queue: Any, source: SafetensorsSource, md: argparse.Namespace, plan: list[Step], what: str,
+def stream(queue: Any, source: SafetensorsSource, md: ModelSpec, plan: list[Step], what: str,
            args: argparse.Namespace) -> None:
     """Send the plan's messages; a worker of a shared conversion sends only the layers it writes."""
-    md.share_layers = layers_to_send(args, md)
+    md = dataclasses.replace(md, share_layers=layers_to_send(args, md))
     if md.share_layers is not None:
         plan = [step for step in plan if step.layer is None or step.layer in md.share_layers]
-    P.send_metadata(queue, md, args)
+    P.send_spec(queue, md, args)
     read = getattr(source, "pending", source.get)  # deferred reads where the source offers them
     for step in progress(plan, len(plan), what):
         msg = step.build(read, md)
@@ -192,7 +195,7 @@ def check_copy(source: SafetensorsSource, copy: str, original: str) -> None:
         raise ConversionError(f"tensor {copy!r} should equal {original!r} but differs")
 
 
-def qwen3_moe_experts(source: SafetensorsSource, md: argparse.Namespace) -> Section:
+def qwen3_moe_experts(source: SafetensorsSource, md: ModelSpec) -> Section:
     """The experts' on-disk layout shared by Qwen3-MoE, GLM-4.5 and the MLA family: per expert (what
     transformers 5 saves) or fused [E, ...] (its in-memory parameters), decided by the first MoE layer;
     `validate` then holds every layer to it."""
@@ -200,7 +203,7 @@ def qwen3_moe_experts(source: SafetensorsSource, md: argparse.Namespace) -> Sect
 
 
 def glm4_moe_plan(source: SafetensorsSource, cfg: dict[str, Any], args: argparse.Namespace,
-                  per_message: int) -> tuple[argparse.Namespace, list[Step], set[str]]:
+                  per_message: int) -> tuple[ModelSpec, list[Step], set[str]]:
     """GLM-4.5's metadata, plan and the tensors it leaves unread: the MTP layers not converted (by default
     those config.json names and the checkpoint holds, since transformers saves a model without them) and
     the embedding/head copies of those converted (checked equal to the originals)."""
@@ -255,7 +258,7 @@ def load(queue: Any, args: argparse.Namespace) -> None:
     if getattr(args, "mtp_num_layers", None) and family != glm4_moe.MODEL_TYPE:
         raise ConversionError(f"--mtp-num-layers: {family} has no MTP layers (DeepSeek-V3 is read by loader hf_deepseek3)")
     if args.true_vocab_size:
-        md.true_vocab_size = args.true_vocab_size
+        md = dataclasses.replace(md, true_vocab_size=args.true_vocab_size)
     tied_copy = {"lm_head.weight"} if not md.output_layer and "lm_head.weight" in source else set()
     validate(source, md, plan, tied_copy | ignored)
     if tied_copy:  # some exporters keep the tied head; it must equal the embeddings

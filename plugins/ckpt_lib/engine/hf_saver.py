@@ -25,6 +25,7 @@ from ..layout.sharding import Joined, materialize
 from ..transport import protocol as P
 from ..transport.export_plan import Observed, ObservingReader, planned_reader
 from ..transport.runtime import Summary, progress
+from ..transport.spec import ModelSpec
 
 # Files copied from --hf-config-dir besides config.json (tokenizer and generation settings).
 COMPANION_FILES = (
@@ -53,46 +54,46 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="FP8 block size N ([N, N] blocks; default: the FP8 source's, else 128)")
 
 
-def layer_section(md: argparse.Namespace, layer: int) -> Section:
+def layer_section(md: ModelSpec, layer: int) -> Section:
     """The HF table of a decoder layer: DeepSeek-V3 (MLA), GLM-4.5 or Qwen3-MoE (experts without MLA) or dense."""
-    if getattr(md, "multi_latent_attention", False):
+    if md.mla:
         return deepseek.layer_section(md, layer)
-    return moe_family(md).layer_section(md, layer) if md.num_experts else dense.LAYER
+    return moe_family(md).layer_section(md, layer) if md.moe else dense.LAYER
 
 
-def moe_family(md: argparse.Namespace) -> Any:
+def moe_family(md: ModelSpec) -> Any:
     """The family module of an MoE checkpoint without MLA, chosen from its metadata (see `glm4_moe.is_glm4_moe`,
     `hf_moe.for_metadata`)."""
     return glm4_moe if glm4_moe.is_glm4_moe(md) else hf_moe.for_metadata(md)
 
 
-def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str, Any]:
+def output_config(args: argparse.Namespace, md: ModelSpec) -> dict[str, Any]:
     """config.json for the output: --hf-config-dir's, else the source's, else rebuilt; checked against md."""
     if args.hf_config_dir:
         path = Path(args.hf_config_dir) / "config.json"
         if not path.is_file():
             raise ConversionError(f"--hf-config-dir {args.hf_config_dir}: missing config.json")
         cfg = json.loads(path.read_text())
-    elif getattr(md, "hf_config", None):
+    elif md.hf_config:
         cfg = dict(md.hf_config)
     else:
         vocab = args.true_vocab_size or md.true_vocab_size
         if vocab is None:
             raise ConversionError("the vocabulary size is unknown: pass --true-vocab-size or --hf-config-dir")
-        if getattr(md, "multi_latent_attention", False):  # DeepSeek-V3 (sigmoid router) or -V2 (softmax), rope_scaling from the metadata
-            softmax = md.moe_router_score_function == "softmax"
+        if md.mla:  # DeepSeek-V3 (sigmoid router) or -V2 (softmax), rope_scaling from the spec
+            softmax = md.moe is not None and md.moe.router_score_function == "softmax"
             rebuild = deepseek_v2.hf_config_from_metadata if softmax else deepseek.hf_config_from_metadata
         else:  # an MoE model without MLA: its family's (Qwen3-MoE's refuses: it needs --hf-config-dir)
-            rebuild = moe_family(md).hf_config_from_metadata if md.num_experts else dense.hf_config_from_metadata
+            rebuild = moe_family(md).hf_config_from_metadata if md.moe else dense.hf_config_from_metadata
         cfg = rebuild(md, vocab)
     for hf_key, md_key in CONFIG_CHECKS:
         if hf_key in cfg and cfg[hf_key] != getattr(md, md_key):
             raise ConversionError(f"config.json {hf_key}={cfg[hf_key]} disagrees with the checkpoint's {md_key}={getattr(md, md_key)}")
     if cfg.get("tie_word_embeddings", False) == bool(md.output_layer):
         raise ConversionError(f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings', False)} disagrees with the checkpoint")
-    if getattr(md, "multi_latent_attention", False):
+    if md.mla:
         deepseek.check_config(cfg, md)
-        mtp = getattr(md, "mtp_num_layers", 0) or 0
+        mtp = md.mtp_num_layers
         if mtp or "num_nextn_predict_layers" in cfg:  # the DeepSeek-V2 class has no such field
             cfg["num_nextn_predict_layers"] = mtp
     cfg["dtype"] = str(md.params_dtype).removeprefix("torch.")
@@ -100,10 +101,11 @@ def output_config(args: argparse.Namespace, md: argparse.Namespace) -> dict[str,
     return cfg
 
 
-def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argparse.Namespace) -> None:
+def save_adapters(reader: P.MessageReader, md: ModelSpec, args: argparse.Namespace) -> None:
     """A PEFT adapter directory: fused adapters split per HF projection through the family table
     (lora_B runs the base weight's inverse op, e.g. q/k/v de-interleaving; lora_A is shared)."""
     lora = md.lora_export
+    assert lora is not None
     summary = Summary("saver_hf (PEFT adapter)")
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
@@ -128,9 +130,9 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     if end != P.DONE:
         raise ConversionError(f"unexpected message '{end.get('name') if isinstance(end, dict) else end}'")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": lora["alpha"] if lora["alpha"] is not None else rank,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": lora.alpha if lora.alpha is not None else rank,
         "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": bool(lora["rslora"]), "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": bool(lora.rslora), "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": args.hf_config_dir,
     }
     with StagedDir(args.save_dir, args.overwrite) as staged:
@@ -148,31 +150,31 @@ def save_adapters(reader: P.MessageReader, md: argparse.Namespace, args: argpars
     summary.print(target)
 
 
-def fp8_block(args: argparse.Namespace, md: argparse.Namespace) -> tuple[int, int] | None:
+def fp8_block(args: argparse.Namespace, md: ModelSpec) -> tuple[int, int] | None:
     """--save-fp8's block size (None without it): --fp8-block-size, else the FP8 source's, else 128."""
     if not getattr(args, "save_fp8", False):
         if getattr(args, "fp8_block_size", None) is not None:
             raise ConversionError("--fp8-block-size is used with --save-fp8 only")
         return None
-    if getattr(md, "lora_export", None):
+    if md.lora_export:
         raise ConversionError("--save-fp8 writes a model, not a PEFT adapter (--save-lora-to-hf): use one of them")
-    if not getattr(md, "multi_latent_attention", False):
-        kind = "an MoE model" if md.num_experts else "a dense model"
+    if md.mla is None:
+        kind = "an MoE model" if md.moe else "a dense model"
         raise ConversionError(f"--save-fp8 writes DeepSeek-V3's FP8 release layout only; this checkpoint is {kind} "
                               "without MLA (not DeepSeek-V3): write it without --save-fp8")
     if args.fp8_block_size is not None:
         if args.fp8_block_size < 1:
             raise ConversionError(f"--fp8-block-size {args.fp8_block_size}: must be >= 1")
         return args.fp8_block_size, args.fp8_block_size
-    return fp8.recorded_block(md) or (128, 128)
+    return fp8.recorded_block(md.source_quantization, md.hf_config) or (128, 128)
 
 
-def write_weights(reader: P.MessageReader, md: argparse.Namespace, vocab: int, block: tuple[int, int] | None, mtp: Section,
+def write_weights(reader: P.MessageReader, md: ModelSpec, vocab: int, block: tuple[int, int] | None, mtp: Section,
                   experts_out: Section, writer: ShardedWriter | Listing, planning: bool = False) -> dict[str, Any] | None:
     """Every weight, from the messages through the family tables into `writer`, in output order; returns the
     optimizer-state message if one came. Run first on the planned messages (meta tensors, `planning`), so that
     the writer knows the whole output, and where each shard ends, before the first message arrives."""
-    mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
+    mtp_layers = md.mtp_num_layers
     kept: dict[str, torch.Tensor] = {}  # vocabulary tables the MTP layer stores again
 
     def add(name: str, tensor: torch.Tensor | Joined) -> None:
@@ -226,17 +228,16 @@ def write_weights(reader: P.MessageReader, md: argparse.Namespace, vocab: int, b
 def save(queue: Any, args: argparse.Namespace) -> None:
     observed = Observed(getattr(args, "experts_per_message", None) or 8)  # the loaders' default
     reader = ObservingReader(queue, getattr(args, "checking", True), observed)
-    md = P.receive_metadata(reader)
+    md = P.receive_spec(reader)
     block = fp8_block(args, md)
-    if getattr(md, "lora_export", None):
+    if md.lora_export:
         check_target(args.save_dir, args.overwrite)
         return save_adapters(reader, md, args)
-    md.learned_absolute = md.position_embedding_type == "learned_absolute"
     if md.learned_absolute:
         raise ConversionError("learned absolute position embeddings have no HF dense-family equivalent")
-    moe_without_mla = bool(md.num_experts) and not getattr(md, "multi_latent_attention", False)
+    moe_without_mla = md.moe is not None and md.mla is None
     family = moe_family(md) if moe_without_mla else None
-    if family is not glm4_moe and getattr(md, "rotary_percent", 1.0) != 1.0:
+    if family is not glm4_moe and md.rotary_percent != 1.0:
         raise ConversionError(f"rotary_percent {md.rotary_percent} (partial rotary) has no place in this family's config.json")
     if family is not None:
         family.check(md)

@@ -8,6 +8,7 @@ load. Every tensor is either mapped or reported before the first message is sent
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..layout.sharding import COLUMN, GATED, gather
 from ..transport import protocol as P
 from ..transport.runtime import progress
 from ..transport.shares import layers_to_send
+from ..transport.spec import LoraExport
 from . import optimizer_state
 from .mcore_plan import Placement, RankFilePlan
 
@@ -151,9 +153,9 @@ class McoreLoader:
         word = f.chunks(0, 0)[0].get("embedding.word_embeddings.weight")
         if word is None and not self.export:
             raise ConversionError(f"{f.grid[(0, 0, 0)]}: no embedding.word_embeddings.weight")
-        self.md = md = megatron.metadata_from_args(first["args"], (f.tp, f.pp), self.iteration, word, args.true_vocab_size)
-        md.learned_absolute = md.position_embedding_type == "learned_absolute"
-        md.num_layers = len(self.layout.real_layers)  # protocol numbering: noop layers skipped
+        md = megatron.metadata_from_args(first["args"], (f.tp, f.pp), self.iteration, word, args.true_vocab_size)
+        # protocol numbering: noop layers skipped
+        self.md = md = dataclasses.replace(md, num_layers=len(self.layout.real_layers))
         if self.layout.num_layers != first["args"].num_layers:
             raise ConversionError(f"the files hold {self.layout.num_layers} layers but args.num_layers is {first['args'].num_layers}")
         last = self.layout.last_segment()
@@ -248,8 +250,9 @@ class McoreLoader:
         self._copied()
         if placement.experts is None:
             return
-        for first in range(0, self.md.num_experts, self.experts_per_message):
-            experts = range(first, min(first + self.experts_per_message, self.md.num_experts))
+        num_experts = self.md.moe.num_experts if self.md.moe else 0
+        for first in range(0, num_experts, self.experts_per_message):
+            experts = range(first, min(first + self.experts_per_message, num_experts))
             parts = [self._gather_expert(e, seg, placement.experts) for e in experts]
             stacked = {k: torch.stack([p[k] for p in parts], out=empty_shared((len(parts), *parts[0][k].shape), parts[0][k].dtype))
                        for k in parts[0]}
@@ -288,9 +291,8 @@ class McoreLoader:
 
     def send_adapters(self, queue: Any) -> None:
         """--save-lora-to-hf: metadata with the LoRA settings, then each layer's adapters."""
-        md = self.md
-        md.lora_export = {"r": self.lora.rank, "alpha": self.lora.alpha, "rslora": self.lora.rslora}
-        P.send_metadata(queue, md, self.args)
+        md = self.md = dataclasses.replace(self.md, lora_export=LoraExport(self.lora.rank, self.lora.alpha, self.lora.rslora))
+        P.send_spec(queue, md, self.args)
         for placement in self.plan.placements():
             if placement.layer is not None and placement.layer < md.num_layers:
                 msg: dict[str, torch.Tensor] = {}
@@ -303,10 +305,10 @@ class McoreLoader:
         queue = FiniteCheckingQueue(queue, self.strict)
         if self.export:
             return self.send_adapters(queue)
-        md = self.md
-        md.share_layers = layers_to_send(self.args, md)  # a worker sends only the layers it writes
+        # a worker sends only the layers it writes
+        md = self.md = dataclasses.replace(self.md, share_layers=layers_to_send(self.args, self.md))
         optim = optimizer_state.loader_message(self)  # read and checked before anything is sent
-        P.send_metadata(queue, md, self.args)
+        P.send_spec(queue, md, self.args)
         placements = list(self.plan.placements(md.share_layers))
         for placement in progress(placements, len(placements), "loader_core_ext"):
             self._send(queue, placement)

@@ -10,7 +10,6 @@ target's naming profile (`naming_profile`) rewrites them per chunk on the way to
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ..families.mcore_names import (
 )
 from ..layout.pipeline import PipelineLayout, Segment
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 OUTPUT_WEIGHT = "output_layer.weight"
@@ -70,13 +70,13 @@ class ExpertSlot:
 class RankFilePlan:
     """The rank-file plan of one checkpoint (see the module docstring)."""
 
-    def __init__(self, md: argparse.Namespace, layout: PipelineLayout, tp: int, ep: int, impl: str, *,
+    def __init__(self, md: ModelSpec, layout: PipelineLayout, tp: int, ep: int, impl: str, *,
                  whole_mla_down: bool = False, grouped: bool = False, tp_extend: bool = False,
                  mtp_submodule: str = "transformer_layer") -> None:
         self.md, self.layout, self.tp, self.ep, self.impl = md, layout, tp, ep, impl
         self.whole_mla_down, self.tp_extend, self.mtp_submodule = whole_mla_down, tp_extend, mtp_submodule
-        self.num_experts = md.num_experts or 0
-        self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
+        self.num_experts = md.moe.num_experts if md.moe else 0
+        self.mtp_layers = md.mtp_num_layers
         # Experts are dealt to EP ranks, or with --moe-tp-extend-ep to EP x TP buckets of whole experts.
         buckets = ep * tp if tp_extend else ep
         if self.num_experts % buckets:
@@ -148,15 +148,15 @@ class RankFilePlan:
         return names
 
 
-def check_divisible(md: argparse.Namespace, tp: int, pp: int, ep: int) -> None:
+def check_divisible(md: ModelSpec, tp: int, pp: int, ep: int) -> None:
     """The target sizes split every dimension they split (`pp` is checked by the pipeline layout)."""
-    experts = md.num_experts or 0
+    experts = md.moe.num_experts if md.moe else 0
     sizes = [("num_attention_heads", md.num_attention_heads), ("ffn_hidden_size", md.ffn_hidden_size)]
-    if not getattr(md, "multi_latent_attention", False):
+    if md.mla is None:
         sizes.append(("num_query_groups", md.num_query_groups))
-    if experts:
-        sizes += [("moe_ffn_hidden_size", md.moe_ffn_hidden_size),
-                  ("moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size)]
+    if md.moe:
+        sizes += [("moe_ffn_hidden_size", md.moe.ffn_hidden_size),
+                  ("moe_shared_expert_intermediate_size", md.moe.shared_expert_intermediate_size)]
     for what, size in sizes:
         if size is not None and size % tp:  # None: no shared expert
             raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what} {size}")

@@ -9,6 +9,7 @@ stage; a stage's files are closed when its last layer has arrived.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..layout.sharding import COLUMN, cast, pad_vocab, padded_vocab_size, split,
 from ..transport import protocol as P
 from ..transport.runtime import Summary, progress
 from ..transport.shares import Share, layers_to_send, target_layout, target_sizes
+from ..transport.spec import ModelSpec
 from . import optimizer_state
 from .mcore_plan import WORD_EMBEDDINGS, Group, Placement, RankFilePlan, check_divisible
 from .mcore_writers import FORMATS
@@ -82,15 +84,15 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 class McoreSaver:
     """State of one conversion into rank files: options checked, a rank-file plan, and a writer."""
 
-    def __init__(self, args: argparse.Namespace, md: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, md: ModelSpec) -> None:
         self.args, self.md = args, md
         self.format = FORMATS[getattr(args, "ckpt_format", "torch")]
         self.target = target_sizes(args, md)
-        self.num_experts = md.num_experts or 0
-        self.mtp_layers = getattr(md, "mtp_num_layers", 0) or 0
+        self.num_experts = md.moe.num_experts if md.moe else 0
+        self.mtp_layers = md.mtp_num_layers
         self.target_layout: PipelineLayout = target_layout(args, md)
         self.share: Share | None = getattr(args, "share", None)
-        sent = getattr(md, "share_layers", None)  # None: the loader sends every layer
+        sent = md.share_layers  # None: the loader sends every layer
         self.sent = set(range(md.num_layers + self.mtp_layers) if sent is None else sent)
         self.format.check(args, self.share is not None)
         if self.share is not None:
@@ -108,7 +110,6 @@ class McoreSaver:
         mcore_version.check_target(md, self.mcore.version)
         self.profile.check(md, self.tp, self.ep, getattr(args, "schedules_method", None) == "dualpipev")
         self.dtype = P.DTYPES[args.params_dtype] if args.params_dtype else md.params_dtype
-        md.learned_absolute = md.position_embedding_type == "learned_absolute"
         check_divisible(md, *self.target)
         # MindSpeed-LLM (on megatron-core 0.12) keeps its own names whatever the release.
         mtp_submodule = mcore_version.MTP_SUBMODULES[0] if self.naming == MINDSPEED else self.mcore.mtp_submodule
@@ -116,7 +117,7 @@ class McoreSaver:
                                  grouped=self.grouped, tp_extend=self.tp_extend, mtp_submodule=mtp_submodule)
         self.true_vocab = args.true_vocab_size or md.true_vocab_size
         self.divisible_by = args.make_vocab_size_divisible_by or md.make_vocab_size_divisible_by or 128
-        md.make_vocab_size_divisible_by = self.divisible_by
+        self.md = dataclasses.replace(md, make_vocab_size_divisible_by=self.divisible_by)
         self.padded_vocab: int | None = None
         # pending[pp][ep][tp][chunk] -> {name: tensor} received but not yet written (one message's worth).
         self.pending: dict[int, list[list[list[dict[str, Any]]]]] = {}
@@ -271,7 +272,7 @@ class McoreSaver:
 def save(queue: Any, args: argparse.Namespace) -> None:
     """The saver body: metadata first, then all messages, then an atomic commit."""
     reader = P.MessageReader(queue, getattr(args, "checking", True))
-    md = P.receive_metadata(reader)
+    md = P.receive_spec(reader)
     saver = McoreSaver(args, md)
     iteration = md.iteration if md.iteration is not None else "release"
     if saver.share is not None:  # one of several workers: the driver merges and commits

@@ -23,6 +23,7 @@ from ..io.megatron_io import RankFileWriter, raise_open_file_limit, rank_dir_nam
 from ..layout.pipeline import PipelineLayout, make_layout, parse_layer_list
 from ..layout.sharding import materialize
 from ..transport.runtime import Summary
+from ..transport.spec import ModelSpec
 
 Args = Callable[[], argparse.Namespace]
 Rank = tuple[int, int, int]  # (pp, ep, tp)
@@ -40,7 +41,7 @@ class RankFiles:
         """Every option applies to rank files."""
 
     @staticmethod
-    def stored(layout: PipelineLayout, sizes: tuple[int, int, int], md: Any) -> tuple[PipelineLayout, tuple[int, int, int]]:
+    def stored(layout: PipelineLayout, sizes: tuple[int, int, int], md: ModelSpec) -> tuple[PipelineLayout, tuple[int, int, int]]:
         return layout, sizes
 
     @staticmethod
@@ -56,7 +57,7 @@ class RankFiles:
         tp, pp, ep = sizes
         return f"{naming} TP{tp} PP{pp} EP{ep} chunks/rank {layout.num_chunks} layers/stage {layout.layers_per_stage()}"
 
-    def __init__(self, root: Path, sizes: tuple[int, int, int], args: Args, iteration: int | str, md: Any,
+    def __init__(self, root: Path, sizes: tuple[int, int, int], args: Args, iteration: int | str, md: ModelSpec,
                  profile: NamingProfile, owns: Callable[[Rank], bool], manifest: Manifest, summary: Summary) -> None:
         self.root, (self.tp, self.pp, self.ep) = root, sizes
         self.args, self.iteration, self.md, self.profile = args, iteration, md, profile
@@ -115,7 +116,7 @@ class TorchDist:
                 raise ConversionError(f"--ckpt-format torch_dist cannot be combined with {flag} (use --ckpt-format torch)")
 
     @staticmethod
-    def stored(layout: PipelineLayout, sizes: tuple[int, int, int], md: Any) -> tuple[PipelineLayout, tuple[int, int, int]]:
+    def stored(layout: PipelineLayout, sizes: tuple[int, int, int], md: ModelSpec) -> tuple[PipelineLayout, tuple[int, int, int]]:
         return make_layout(md.num_layers, 1, None, None, [], False), (1, 1, 1)
 
     @staticmethod
@@ -136,7 +137,7 @@ class TorchDist:
         tp, pp, ep = sizes
         return f"torch_dist (layout free; args say TP{tp} PP{pp} EP{ep})"
 
-    def __init__(self, root: Path, sizes: tuple[int, int, int], args: Args, iteration: int | str, md: Any,
+    def __init__(self, root: Path, sizes: tuple[int, int, int], args: Args, iteration: int | str, md: ModelSpec,
                  profile: NamingProfile, owns: Callable[[Rank], bool], manifest: Manifest, summary: Summary) -> None:
         self.root, self.args, self.iteration, self.manifest, self.summary = root, args, iteration, manifest, summary
         self.writer: Any = None

@@ -28,6 +28,7 @@ from ..families import Section, deepseek, dense
 from ..families import mindspore as ms
 from ..io.safetensors_io import SafetensorsSource
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec, MoESpec
 from . import ms_distributed as distributed
 from .hf_loader import Step, dense_plan, read_json, stream, validate
 
@@ -152,13 +153,13 @@ def infer_metadata(source: SafetensorsSource, names: list[str], args: argparse.N
     if not swiglu:
         raise ConversionError("linear_fc1 is not a gated (SwiGLU) projection; only SwiGLU models are supported")
     params_dtype = P.DTYPES[args.params_dtype or "bf16"]
-    md = P.make_metadata(
+    md = ModelSpec(
         model_type="GPT", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
         num_query_groups=groups, kv_channels=head_dim, seq_length=args.seq_length or 4096,
         max_position_embeddings=args.seq_length or 4096, tokenizer_type="HuggingFaceTokenizer", iteration=1,
         params_dtype=params_dtype, bert_binary_head=False, output_layer=untied, position_embedding_type="rope",
         linear_bias=False, qkv_bias=qkv_bias, norm_has_bias=False, swiglu=True,
-        true_vocab_size=args.true_vocab_size or vocab, vocab_size=vocab, make_vocab_size_divisible_by=128, num_experts=None,
+        true_vocab_size=args.true_vocab_size or vocab, vocab_size=vocab, make_vocab_size_divisible_by=128,
         previous_tensor_parallel_size=1, previous_pipeline_parallel_size=1, consumed_train_samples=0,
         consumed_valid_samples=0, normalization="RMSNorm", norm_epsilon=1e-6, rotary_base=10000.0,
         qk_layernorm=qk_norm, hf_config=None,
@@ -173,22 +174,24 @@ class GroupedExperts:
     tensor per expert and part (`...weight1[e].gate`), read as that expert's rows only; every
     floating tensor rounded once to `cast` except the router's fp32 expert bias."""
 
-    def __init__(self, source: SafetensorsSource, md: argparse.Namespace, cast: torch.dtype) -> None:
+    def __init__(self, source: SafetensorsSource, md: ModelSpec, cast: torch.dtype) -> None:
         self.source, self.files, self.cast = source, source.files, cast
         self.experts: dict[str, tuple[str, int, str]] = {}  # served name -> (grouped name, expert, part)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.last: tuple[tuple[str, int], torch.Tensor] | None = None
-        e = self.num_experts = md.num_experts
+        assert md.moe is not None
+        e = self.num_experts = md.moe.num_experts
+        width = md.moe.ffn_hidden_size
         for name in source.names():
             grouped = next((g for g in ms.GROUPED if name.endswith("." + g)), None)
             if grouped is None or ms.is_non_weight(name):  # adam_m/adam_v of the experts: skipped whole (a rank's slice in training output)
                 continue
             rows, cols = source.shape(name)
-            want = md.hidden_size if grouped == ms.GROUPED_FC1 else md.moe_ffn_hidden_size
-            if rows != e * want or (grouped == ms.GROUPED_FC1 and cols != 2 * md.moe_ffn_hidden_size):
+            want = md.hidden_size if grouped == ms.GROUPED_FC1 else width
+            if rows != e * want or (grouped == ms.GROUPED_FC1 and cols != 2 * width):
                 raise ConversionError(f"tensor {name!r} has shape {[rows, cols]}, expected "
-                                      f"{[e * want, 2 * md.moe_ffn_hidden_size if grouped == ms.GROUPED_FC1 else md.hidden_size]} "
-                                      f"for {e} experts, hidden {md.hidden_size}, expert ffn {md.moe_ffn_hidden_size}")
+                                      f"{[e * want, 2 * width if grouped == ms.GROUPED_FC1 else md.hidden_size]} "
+                                      f"for {e} experts, hidden {md.hidden_size}, expert ffn {width}")
             prefix = name[: -len(grouped)]
             for expert in range(e):
                 for part in ms.GROUPED[grouped]:
@@ -239,8 +242,8 @@ def read_model_config(path: str | None) -> dict[str, Any]:
     return read_json(file)
 
 
-def infer_moe_metadata(source: SafetensorsSource, names: list[str], args: argparse.Namespace) -> tuple[argparse.Namespace, ms.MoeTables]:
-    """MoE metadata from --model-config (as the HF loaders build it), cross-checked against the tensors."""
+def infer_moe_metadata(source: SafetensorsSource, names: list[str], args: argparse.Namespace) -> tuple[ModelSpec, ms.MoeTables]:
+    """The MoE model spec from --model-config (as the HF loaders build it), cross-checked against the tensors."""
     cfg = read_model_config(args.model_config)
     dtype = P.DTYPES[args.params_dtype or "bf16"]
     layers = sorted({int(m[1]) for n in names if (m := LAYER_INDEX.match(n))})
@@ -258,42 +261,40 @@ def infer_moe_metadata(source: SafetensorsSource, names: list[str], args: argpar
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise ConversionError("config.json: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
         deepseek.check_normalised_top_k(cfg, default=False)
-        md = dense.metadata_from_hf(cfg, dtype, "qwen3")
-        md.num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-        md.moe_ffn_hidden_size, md.moe_shared_expert_intermediate_size = cfg["moe_intermediate_size"], None
-        md.first_k_dense_replace, md.moe_router_topk = 0, cfg["num_experts_per_tok"]
-        md.moe_router_num_groups = md.moe_router_group_topk = md.moe_router_topk_scaling_factor = None
-        md.moe_router_score_function, md.moe_router_enable_expert_bias, md.mtp_num_layers = "softmax", False, 0
+        md = dataclasses.replace(dense.metadata_from_hf(cfg, dtype, "qwen3"), moe=MoESpec(
+            num_experts=cfg.get("num_experts") or cfg.get("num_local_experts"), ffn_hidden_size=cfg["moe_intermediate_size"],
+            first_k_dense_replace=0, router_topk=cfg["num_experts_per_tok"], router_score_function="softmax",
+            router_enable_expert_bias=False))
     else:
         raise ConversionError(f"--model-config: model_type {cfg.get('model_type')!r} is not an MoE family this loader reads "
                               "(deepseek_v3, qwen3_moe)")
+    assert md.moe is not None
     vocab, hidden = source.shape("embedding.word_embeddings.weight")
-    router = source.shape(f"decoder.layers.{md.first_k_dense_replace}.mlp.router.weight") if \
-        f"decoder.layers.{md.first_k_dense_replace}.mlp.router.weight" in source else None
+    router = source.shape(f"decoder.layers.{md.moe.first_k_dense_replace}.mlp.router.weight") if \
+        f"decoder.layers.{md.moe.first_k_dense_replace}.mlp.router.weight" in source else None
     for what, given, found in (("num_hidden_layers", md.num_layers, len(layers)), ("hidden_size", md.hidden_size, hidden),
-                               ("routed experts", md.num_experts, router[0] if router else None),
+                               ("routed experts", md.moe.num_experts, router[0] if router else None),
                                ("tie_word_embeddings", not md.output_layer, "output_layer.weight" not in source)):
         if given != found:
             raise ConversionError(f"--model-config {what} {given} contradicts the checkpoint, which has {found}")
     if vocab < md.true_vocab_size:
         raise ConversionError(f"--model-config vocab_size {md.true_vocab_size} exceeds the embedding's {vocab} rows")
-    md.vocab_size = vocab
-    if args.true_vocab_size:
-        md.true_vocab_size = args.true_vocab_size
+    md = dataclasses.replace(md, vocab_size=vocab, true_vocab_size=args.true_vocab_size or md.true_vocab_size)
     return md, ms.moe_sections(args.qkv_layout == "interleaved", args.fc1_layout == "interleaved", mla,
                                first + "linear_qkv.weight" in source and mla, mtp)
 
 
-def _global_step(md: argparse.Namespace, section: Section) -> Step:
+def _global_step(md: ModelSpec, section: Section) -> Step:
     return Step(section.message, section, None, P.global_shapes(md, md.vocab_size)[section.message])
 
 
-def _expert_steps(md: argparse.Namespace, message: str, section: Section, layer: int, per_message: int) -> list[Step]:
-    return [Step(P.experts_message(message), section, layer, P.expert_shapes(md, min(per_message, md.num_experts - first)),
-                 (first, min(per_message, md.num_experts - first))) for first in range(0, md.num_experts, per_message)]
+def _expert_steps(md: ModelSpec, message: str, section: Section, layer: int, per_message: int) -> list[Step]:
+    experts = md.moe.num_experts if md.moe else 0
+    return [Step(P.experts_message(message), section, layer, P.expert_shapes(md, min(per_message, experts - first)),
+                 (first, min(per_message, experts - first))) for first in range(0, experts, per_message)]
 
 
-def moe_plan(md: argparse.Namespace, tables: ms.MoeTables, per_message: int) -> list[Step]:
+def moe_plan(md: ModelSpec, tables: ms.MoeTables, per_message: int) -> list[Step]:
     """The HF DeepSeek-V3 loader's message order: layers (MoE ones followed by their experts), final
     norm, output layer, then the MTP layer and its experts."""
     embedding, dense_layer, final_norm, output = tables.dense
@@ -325,7 +326,7 @@ def load_moe(queue: Any, source: SafetensorsSource, weights: list[str], skipped:
             ignored |= {n for n in view.names() if n.startswith("mtp.layers.")}
     plan = moe_plan(md, tables, args.experts_per_message)
     validate(view, md, plan, ignored)
-    print(f"loader_core_mf: MoE ({md.num_experts} experts{', MLA' if getattr(md, 'multi_latent_attention', False) else ''}"
+    print(f"loader_core_mf: MoE ({md.moe.num_experts if md.moe else 0} experts{', MLA' if md.mla else ''}"
           f"{', MTP' if md.mtp_num_layers else ''}), {len(weights)} weights, skipped {len(skipped)} non-weight entries", flush=True)
     stream(queue, view, md, plan, "loader_core_mf", args)
 

@@ -83,14 +83,10 @@ class Stream:
         return msg
 
 
-def _vocab_rows(md: argparse.Namespace) -> int | None:
-    return getattr(md, "true_vocab_size", None)
-
-
 def compare(source: Stream, converted: Stream, atol: float, report: Any = print) -> bool:
     """Walk both streams; print one line per difference and a summary. True when they agree."""
     md_a, md_b = source.get(), converted.get()
-    rows = _vocab_rows(md_a) or _vocab_rows(md_b)
+    rows = P.spec_from_message(md_a).true_vocab_size or P.spec_from_message(md_b).true_vocab_size
     ok, tensors, worst = True, 0, 0.0
     while True:
         a, b = source.get(), converted.get()

@@ -14,6 +14,7 @@ import torch
 from ..errors import ConversionError
 from ..io.safetensors_io import Pending, empty_shared
 from ..layout.sharding import Joined
+from ..transport.spec import ModelSpec, flag_holds
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -107,18 +108,16 @@ QKV = Op("qkv-interleave", _interleave_qkv, _deinterleave_qkv, joins=True)
 
 @dataclass(frozen=True)
 class Relation:
-    """Source names (relative to a prefix) <-> protocol keys through `op`, when `md.<when>` holds
-    (`!name`: when it does not)."""
+    """Source names (relative to a prefix) <-> protocol keys through `op`, when the spec flag `when` holds
+    (`spec.flag_holds`: a field path such as `mla.q_lora_rank`, `!` negating it)."""
 
     source: tuple[str, ...]
     keys: tuple[str, ...]
     op: Op = RENAME
     when: str | None = None
 
-    def applies(self, md: Any) -> bool:
-        if self.when is None:
-            return True
-        return bool(getattr(md, self.when.lstrip("!"), False)) != self.when.startswith("!")
+    def applies(self, md: ModelSpec) -> bool:
+        return self.when is None or flag_holds(md, self.when)
 
 
 @dataclass(frozen=True)
@@ -130,14 +129,14 @@ class Section:
     relations: tuple[Relation, ...]
     when: str | None = None
 
-    def applies(self, md: Any) -> bool:
-        return self.when is None or bool(getattr(md, self.when, False))
+    def applies(self, md: ModelSpec) -> bool:
+        return self.when is None or flag_holds(md, self.when)
 
-    def active(self, md: Any) -> list[Relation]:
+    def active(self, md: ModelSpec) -> list[Relation]:
         return [r for r in self.relations if r.applies(md)]
 
 
-def to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
+def to_protocol(section: Section, read: Callable[[str], Any], md: ModelSpec, layer: int | None = None) -> dict[str, torch.Tensor]:
     """Run a section forwards: read source tensors, return protocol key -> tensor."""
     prefix = section.prefix.format(layer=layer)
     out: dict[str, torch.Tensor] = {}
@@ -148,7 +147,7 @@ def to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: in
     return out
 
 
-def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None = None) -> dict[str, torch.Tensor]:
+def from_protocol(section: Section, msg: dict[str, Any], md: ModelSpec, layer: int | None = None) -> dict[str, torch.Tensor]:
     """Run a section backwards: pop protocol keys from `msg`, return source name -> tensor."""
     from ..transport.protocol import take
 
@@ -160,7 +159,7 @@ def from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | N
     return out
 
 
-def experts_to_protocol(section: Section, read: Callable[[str], Any], md: Any, layer: int | None,
+def experts_to_protocol(section: Section, read: Callable[[str], Any], md: ModelSpec, layer: int | None,
                         first: int, count: int) -> dict[str, torch.Tensor]:
     """Stack experts [first, first+count) of one layer into protocol keys ([count, out, in]). A relation
     whose source has no `{expert}` names one tensor holding all experts ([E, ...]): its rows
@@ -172,14 +171,15 @@ def experts_to_protocol(section: Section, read: Callable[[str], Any], md: Any, l
             out[rel.keys[0]] = stack([read(prefix + rel.source[0].format(expert=e)) for e in range(first, first + count)])
             continue
         whole = read(prefix + rel.source[0])
-        if whole.shape[0] != md.num_experts:
-            raise ConversionError(f"{prefix + rel.source[0]}: {whole.shape[0]} experts in dimension 0, expected {md.num_experts}")
+        experts = md.moe.num_experts if md.moe else 0
+        if whole.shape[0] != experts:
+            raise ConversionError(f"{prefix + rel.source[0]}: {whole.shape[0]} experts in dimension 0, expected {experts}")
         rows = whole.rows(first, count) if isinstance(whole, Pending) else whole.narrow(0, first, count)
         out.update(zip(rel.keys, rel.op.forward((loaded(rows),), md)))
     return out
 
 
-def experts_from_protocol(section: Section, msg: dict[str, Any], md: Any, layer: int | None,
+def experts_from_protocol(section: Section, msg: dict[str, Any], md: ModelSpec, layer: int | None,
                           first: int) -> dict[str, torch.Tensor]:
     """Inverse of `experts_to_protocol`: source name -> one expert's tensor (views of the stack)."""
     from ..transport.protocol import take
@@ -201,7 +201,7 @@ class MoeTables:
     dense_layer: Section
     experts: Section
 
-    def layer_section(self, md: Any, layer: int) -> Section:
+    def layer_section(self, md: ModelSpec, layer: int) -> Section:
         from ..transport.protocol import is_moe_layer
 
         return self.moe_layer if is_moe_layer(md, layer) else self.dense_layer

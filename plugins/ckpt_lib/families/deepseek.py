@@ -11,13 +11,14 @@ whose tensors are the same without the router's expert bias (its config translat
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from typing import Any
 
 import torch
 
 from ..errors import ConversionError
 from ..transport import protocol as P
+from ..transport.spec import MLASpec, ModelSpec, MoESpec
 from . import Relation, Section, rope_scaling
 from .dense import EMBEDDING, FINAL_NORM, OUTPUT
 
@@ -28,10 +29,10 @@ LATENT_NORM_EPS = 1e-6
 LAYER_PREFIX = "model.layers.{layer}."
 ATTENTION = (
     Relation(("input_layernorm.weight",), (P.INPUT_NORM_W,)),
-    Relation(("self_attn.q_proj.weight",), (P.Q_W,), when="!q_lora_rank"),
-    Relation(("self_attn.q_a_proj.weight",), (P.Q_DOWN_W,), when="q_lora_rank"),
-    Relation(("self_attn.q_a_layernorm.weight",), (P.Q_DOWN_NORM_W,), when="q_lora_rank"),
-    Relation(("self_attn.q_b_proj.weight",), (P.Q_UP_W,), when="q_lora_rank"),
+    Relation(("self_attn.q_proj.weight",), (P.Q_W,), when="!mla.q_lora_rank"),
+    Relation(("self_attn.q_a_proj.weight",), (P.Q_DOWN_W,), when="mla.q_lora_rank"),
+    Relation(("self_attn.q_a_layernorm.weight",), (P.Q_DOWN_NORM_W,), when="mla.q_lora_rank"),
+    Relation(("self_attn.q_b_proj.weight",), (P.Q_UP_W,), when="mla.q_lora_rank"),
     Relation(("self_attn.kv_a_proj_with_mqa.weight",), (P.KV_DOWN_W,)),
     Relation(("self_attn.kv_a_layernorm.weight",), (P.KV_DOWN_NORM_W,)),
     Relation(("self_attn.kv_b_proj.weight",), (P.KV_UP_W,)),
@@ -45,7 +46,7 @@ DENSE_MLP = (
 )
 MOE = (
     Relation(("mlp.gate.weight",), (P.ROUTER_W,)),
-    Relation(("mlp.gate.e_score_correction_bias",), (P.ROUTER_BIAS,), when="moe_router_enable_expert_bias"),
+    Relation(("mlp.gate.e_score_correction_bias",), (P.ROUTER_BIAS,), when="moe.router_enable_expert_bias"),
     Relation(("mlp.shared_experts.gate_proj.weight",), (P.SHARED_FC1_GATE_W,)),
     Relation(("mlp.shared_experts.up_proj.weight",), (P.SHARED_FC1_UP_W,)),
     Relation(("mlp.shared_experts.down_proj.weight",), (P.SHARED_FC2_W,)),
@@ -70,7 +71,7 @@ MTP_LAYER = Section(None, LAYER_PREFIX, MTP_EXTRA + ATTENTION + MOE)
 GLOBAL_SECTIONS = (EMBEDDING, FINAL_NORM, OUTPUT)
 
 
-def mla_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int, family: str) -> argparse.Namespace:
+def mla_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int, family: str) -> ModelSpec:
     """What both transformers classes (DeepSeek-V2 and -V3) read alike: MLA dimensions (`q_lora_rank` null: a plain
     query projection), sizes, first-k dense layers, shared experts, RoPE; the router is the caller's."""
     need = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -86,7 +87,7 @@ def mla_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers:
     if not shared:
         raise ConversionError(f"config.json: n_shared_experts must be >= 1 for the {family} layout")
     heads = cfg["num_attention_heads"]
-    md = P.make_metadata(
+    return ModelSpec(
         model_type="GPT", num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads, num_query_groups=heads,
         kv_channels=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
@@ -94,55 +95,53 @@ def mla_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers:
         tokenizer_type="HuggingFaceTokenizer", iteration=1, params_dtype=params_dtype, bert_binary_head=False,
         output_layer=True, position_embedding_type="rope", linear_bias=False, qkv_bias=False, norm_has_bias=False,
         swiglu=True, true_vocab_size=cfg["vocab_size"], vocab_size=cfg["vocab_size"], make_vocab_size_divisible_by=128,
-        num_experts=cfg["n_routed_experts"], previous_tensor_parallel_size=1, previous_pipeline_parallel_size=1,
+        previous_tensor_parallel_size=1, previous_pipeline_parallel_size=1,
         consumed_train_samples=0, consumed_valid_samples=0, normalization="RMSNorm",
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6), rotary_base=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)),
         qk_layernorm=False, hf_config=dict(cfg),
+        mla=MLASpec(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"], qk_head_dim=cfg["qk_nope_head_dim"],
+                    qk_pos_emb_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"]),
+        moe=MoESpec(num_experts=cfg["n_routed_experts"], ffn_hidden_size=cfg["moe_intermediate_size"],
+                    first_k_dense_replace=cfg.get("first_k_dense_replace", 0), router_topk=cfg.get("num_experts_per_tok"),
+                    shared_expert_intermediate_size=shared * cfg["moe_intermediate_size"],
+                    router_topk_scaling_factor=cfg.get("routed_scaling_factor")),
+        rope_scaling=rope_scaling.from_hf(cfg, mla=True),
+        mtp_num_layers=mtp_num_layers,
     )
-    md.multi_latent_attention = True
-    md.rope_scaling = rope_scaling.from_hf(cfg, mla=True)
-    md.q_lora_rank, md.kv_lora_rank = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
-    md.qk_head_dim, md.qk_pos_emb_head_dim, md.v_head_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    md.moe_ffn_hidden_size = cfg["moe_intermediate_size"]
-    md.moe_shared_expert_intermediate_size = shared * cfg["moe_intermediate_size"]
-    md.first_k_dense_replace = cfg.get("first_k_dense_replace", 0)
-    md.moe_router_topk = cfg.get("num_experts_per_tok")
-    md.moe_router_topk_scaling_factor = cfg.get("routed_scaling_factor")
-    md.mtp_num_layers = mtp_num_layers
-    return md
 
 
-def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int) -> argparse.Namespace:
-    """Protocol metadata for a DeepSeek-V3-class config.json: sigmoid scores, the expert bias added for choosing,
+def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int) -> ModelSpec:
+    """The model spec of a DeepSeek-V3-class config.json: sigmoid scores, the expert bias added for choosing,
     group-limited, the chosen weights renormalised (a single one is not: megatron-core leaves top-1 as is) and scaled."""
     md = mla_metadata(cfg, params_dtype, mtp_num_layers, "DeepSeek-V3")
-    md.moe_router_num_groups = cfg.get("n_group")
-    md.moe_router_group_topk = cfg.get("topk_group")
-    md.moe_router_score_function = cfg.get("scoring_func", "sigmoid")
-    if md.moe_router_topk != 1:
+    assert md.moe is not None
+    if md.moe.router_topk != 1:
         check_normalised_top_k(cfg, default=True)
-    md.moe_router_enable_expert_bias = True
-    return md
+    return dataclasses.replace(md, moe=dataclasses.replace(
+        md.moe, router_num_groups=cfg.get("n_group"), router_group_topk=cfg.get("topk_group"),
+        router_score_function=cfg.get("scoring_func", "sigmoid"), router_enable_expert_bias=True))
 
 
-def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
-    """A DeepSeek-V3 config.json rebuilt from the metadata (no recorded or given config), rope_scaling included
+def hf_config_from_metadata(md: ModelSpec, vocab_size: int) -> dict[str, Any]:
+    """A DeepSeek-V3 config.json rebuilt from the spec (no recorded or given config), rope_scaling included
     (q_lora_rank null for a plain query projection; a Kimi-K2 comes out as the DeepSeek-V3 it is read as)."""
-    shared = md.moe_shared_expert_intermediate_size or 0
+    mla, moe = md.mla, md.moe
+    assert mla is not None and moe is not None
+    shared = moe.shared_expert_intermediate_size or 0
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": vocab_size,
-        "hidden_size": md.hidden_size, "intermediate_size": md.ffn_hidden_size, "moe_intermediate_size": md.moe_ffn_hidden_size,
+        "hidden_size": md.hidden_size, "intermediate_size": md.ffn_hidden_size, "moe_intermediate_size": moe.ffn_hidden_size,
         "num_hidden_layers": md.num_layers, "num_attention_heads": md.num_attention_heads,
-        "num_key_value_heads": md.num_attention_heads, "n_shared_experts": shared // md.moe_ffn_hidden_size,
-        "n_routed_experts": md.num_experts, "routed_scaling_factor": md.moe_router_topk_scaling_factor,
-        "kv_lora_rank": md.kv_lora_rank, "q_lora_rank": md.q_lora_rank, "qk_rope_head_dim": md.qk_pos_emb_head_dim,
-        "qk_nope_head_dim": md.qk_head_dim, "v_head_dim": md.v_head_dim, "n_group": md.moe_router_num_groups,
-        "topk_group": md.moe_router_group_topk, "num_experts_per_tok": md.moe_router_topk,
-        "first_k_dense_replace": md.first_k_dense_replace, "norm_topk_prob": md.moe_router_topk != 1,
+        "num_key_value_heads": md.num_attention_heads, "n_shared_experts": shared // moe.ffn_hidden_size,
+        "n_routed_experts": moe.num_experts, "routed_scaling_factor": moe.router_topk_scaling_factor,
+        "kv_lora_rank": mla.kv_lora_rank, "q_lora_rank": mla.q_lora_rank, "qk_rope_head_dim": mla.qk_pos_emb_head_dim,
+        "qk_nope_head_dim": mla.qk_head_dim, "v_head_dim": mla.v_head_dim, "n_group": moe.router_num_groups,
+        "topk_group": moe.router_group_topk, "num_experts_per_tok": moe.router_topk,
+        "first_k_dense_replace": moe.first_k_dense_replace, "norm_topk_prob": moe.router_topk != 1,
         "scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu",
         "max_position_embeddings": md.max_position_embeddings, "rms_norm_eps": md.norm_epsilon, "rope_theta": md.rotary_base,
-        "rope_scaling": rope_scaling.to_hf(getattr(md, "rope_scaling", None)), "rope_interleave": True,
-        "attention_bias": False, "tie_word_embeddings": False, "num_nextn_predict_layers": getattr(md, "mtp_num_layers", 0) or 0,
+        "rope_scaling": rope_scaling.to_hf(md.rope_scaling), "rope_interleave": True,
+        "attention_bias": False, "tie_word_embeddings": False, "num_nextn_predict_layers": md.mtp_num_layers,
     }
 
 
@@ -217,24 +216,25 @@ def check_normalised_top_k(cfg: dict[str, Any], default: bool) -> None:
                               "equivalent here; only norm_topk_prob true is converted")
 
 
-# config.json fields that must agree with an MLA checkpoint's metadata when the config is given or recorded.
-CONFIG_CHECKS = (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"), ("qk_nope_head_dim", "qk_head_dim"),
-                 ("qk_rope_head_dim", "qk_pos_emb_head_dim"), ("v_head_dim", "v_head_dim"), ("n_routed_experts", "num_experts"),
-                 ("moe_intermediate_size", "moe_ffn_hidden_size"), ("num_experts_per_tok", "moe_router_topk"),
-                 ("first_k_dense_replace", "first_k_dense_replace"))
-
-
-def check_config(cfg: dict[str, Any], md: argparse.Namespace) -> None:
+def check_config(cfg: dict[str, Any], md: ModelSpec) -> None:
     """The output config.json must describe the checkpoint: its MLA and expert fields, and its class by the router
     (softmax: DeepSeek-V2, sigmoid with expert bias: DeepSeek-V3 / Kimi-K2)."""
-    for hf_key, md_key in CONFIG_CHECKS:
-        if cfg.get(hf_key) != getattr(md, md_key, None):
-            raise ConversionError(f"config.json {hf_key}={cfg.get(hf_key)} disagrees with the checkpoint's {md_key}={getattr(md, md_key, None)}")
-    softmax = md.moe_router_score_function == "softmax"
+    mla, moe = md.mla, md.moe
+    assert mla is not None and moe is not None
+    checks = (("q_lora_rank", "q_lora_rank", mla.q_lora_rank), ("kv_lora_rank", "kv_lora_rank", mla.kv_lora_rank),
+              ("qk_nope_head_dim", "qk_head_dim", mla.qk_head_dim),
+              ("qk_rope_head_dim", "qk_pos_emb_head_dim", mla.qk_pos_emb_head_dim), ("v_head_dim", "v_head_dim", mla.v_head_dim),
+              ("n_routed_experts", "num_experts", moe.num_experts), ("moe_intermediate_size", "moe_ffn_hidden_size", moe.ffn_hidden_size),
+              ("num_experts_per_tok", "moe_router_topk", moe.router_topk),
+              ("first_k_dense_replace", "first_k_dense_replace", moe.first_k_dense_replace))
+    for hf_key, md_key, value in checks:
+        if cfg.get(hf_key) != value:
+            raise ConversionError(f"config.json {hf_key}={cfg.get(hf_key)} disagrees with the checkpoint's {md_key}={value}")
+    softmax = moe.router_score_function == "softmax"
     if (cfg.get("model_type") or "deepseek_v3") not in (V2_MODEL_TYPES if softmax else V3_MODEL_TYPES):
         raise ConversionError(f"config.json model_type {cfg.get('model_type')!r} disagrees with the checkpoint's "
-                              f"{md.moe_router_score_function} router ({'deepseek_v2' if softmax else 'deepseek_v3 or kimi_k2'})")
+                              f"{moe.router_score_function} router ({'deepseek_v2' if softmax else 'deepseek_v3 or kimi_k2'})")
 
 
-def layer_section(md: argparse.Namespace, layer: int) -> Section:
+def layer_section(md: ModelSpec, layer: int) -> Section:
     return MOE_LAYER if P.is_moe_layer(md, layer) else DENSE_LAYER

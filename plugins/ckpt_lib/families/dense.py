@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 
 from ..errors import ConversionError
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec
 from . import QKV, Relation, Section
 
 EMBEDDING = Section(P.EMBEDDINGS, "model.", (Relation(("embed_tokens.weight",), (P.WORD_EMB,)),))
@@ -55,8 +55,8 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
-def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, model_type_hf: str | None = None) -> argparse.Namespace:
-    """Protocol metadata for an HF dense config; refuses what Megatron's dense GPT cannot express."""
+def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, model_type_hf: str | None = None) -> ModelSpec:
+    """The model spec of an HF dense config; refuses what Megatron's dense GPT cannot express."""
     family = model_type_hf or cfg.get("model_type")
     if family not in VARIANTS:
         raise ConversionError(f"config.json: model_type {family!r} is not a supported dense family ({', '.join(VARIANTS)})")
@@ -76,7 +76,7 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, model_type_
     qkv_bias = variant.qkv_bias if variant.qkv_bias is not None else bool(cfg.get("attention_bias", False))
     if family == "llama" and qkv_bias:
         raise ConversionError("config.json: llama attention_bias=true (o_proj bias) is not supported")
-    return P.make_metadata(
+    return ModelSpec(
         model_type="GPT",
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -99,7 +99,6 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, model_type_
         true_vocab_size=cfg["vocab_size"],
         vocab_size=cfg["vocab_size"],
         make_vocab_size_divisible_by=128,
-        num_experts=None,
         previous_tensor_parallel_size=1,
         previous_pipeline_parallel_size=1,
         consumed_train_samples=0,
@@ -112,9 +111,9 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, model_type_
     )
 
 
-def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+def hf_config_from_metadata(md: ModelSpec, vocab_size: int) -> dict[str, Any]:
     """Rebuild an HF config.json when no source config is available."""
-    if getattr(md, "qk_layernorm", False):
+    if md.qk_layernorm:
         family = "qwen3"
     elif md.qkv_bias:
         family = "qwen2"

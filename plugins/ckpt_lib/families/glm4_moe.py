@@ -11,13 +11,14 @@ MTP layers follow the last decoder layer as in DeepSeek-V3's release (`enorm`, `
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from typing import Any
 
 import torch
 
 from ..errors import ConversionError
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec, MoESpec
 from . import Section, deepseek, dense
 
 MODEL_TYPE = "glm4_moe"
@@ -73,8 +74,8 @@ def check_router(topk: int, experts: int, groups: int, group_topk: int, norm_top
     return groups, group_topk
 
 
-def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int) -> argparse.Namespace:
-    """Protocol metadata for a glm4_moe config.json (`mtp_num_layers` of its MTP layers converted);
+def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_layers: int) -> ModelSpec:
+    """The model spec of a glm4_moe config.json (`mtp_num_layers` of its MTP layers converted);
     refuses what megatron-core cannot express, naming the field."""
     full = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     rope = full.get("rope_parameters") or full.get("rope_scaling") or {}
@@ -93,93 +94,95 @@ def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype, mtp_num_lay
     if not 0 < rotary <= 1:
         raise ConversionError(f"config.json: partial_rotary_factor {rotary} is not in (0, 1]")
     md = dense.metadata_from_hf(full, params_dtype, "qwen3")  # qwen3: q/k/v bias read from attention_bias
-    md.hf_config, md.hf_model_type = dict(cfg), MODEL_TYPE
-    md.qk_layernorm = md.checkpoint_args.qk_layernorm = bool(full["use_qk_norm"])
-    md.rotary_percent = rotary
-    md.num_experts, md.moe_ffn_hidden_size = experts, full["moe_intermediate_size"]
-    md.moe_shared_expert_intermediate_size = shared * full["moe_intermediate_size"]
-    md.first_k_dense_replace, md.moe_router_topk = first_k, full["num_experts_per_tok"]
-    md.moe_router_num_groups, md.moe_router_group_topk = groups, group_topk
-    md.moe_router_topk_scaling_factor = float(full["routed_scaling_factor"])
-    md.moe_router_score_function, md.moe_router_pre_softmax = "sigmoid", False
-    md.moe_router_enable_expert_bias, md.mtp_num_layers = True, mtp_num_layers
-    return md
+    return dataclasses.replace(
+        md, hf_config=dict(cfg), hf_model_type=MODEL_TYPE, qk_layernorm=bool(full["use_qk_norm"]), rotary_percent=rotary,
+        mtp_num_layers=mtp_num_layers,
+        moe=MoESpec(num_experts=experts, ffn_hidden_size=full["moe_intermediate_size"], first_k_dense_replace=first_k,
+                    router_topk=full["num_experts_per_tok"], shared_expert_intermediate_size=shared * full["moe_intermediate_size"],
+                    router_num_groups=groups, router_group_topk=group_topk,
+                    router_topk_scaling_factor=float(full["routed_scaling_factor"]), router_score_function="sigmoid",
+                    router_pre_softmax=False, router_enable_expert_bias=True))
 
 
-def is_glm4_moe(md: argparse.Namespace) -> bool:
+def is_glm4_moe(md: ModelSpec) -> bool:
     """The family recorded by the loader, else the source config's model_type, else megatron-core's settings:
     sigmoid routing with an expert bias and no MLA (a Qwen3-MoE has neither)."""
-    recorded = getattr(md, "hf_model_type", None) or (getattr(md, "hf_config", None) or {}).get("model_type")
+    recorded = md.hf_model_type or (md.hf_config or {}).get("model_type")
     if recorded is not None:
         return recorded == MODEL_TYPE
-    return (bool(md.num_experts) and not getattr(md, "multi_latent_attention", False)
-            and getattr(md, "moe_router_score_function", None) == "sigmoid" and bool(getattr(md, "moe_router_enable_expert_bias", False)))
+    return (md.moe is not None and md.mla is None
+            and md.moe.router_score_function == "sigmoid" and md.moe.router_enable_expert_bias)
 
 
-def check(md: argparse.Namespace) -> None:
+def check(md: ModelSpec) -> None:
     """What a glm4_moe config.json cannot say about a checkpoint."""
-    if not md.moe_shared_expert_intermediate_size or md.moe_shared_expert_intermediate_size % md.moe_ffn_hidden_size:
-        raise ConversionError(f"moe_shared_expert_intermediate_size {md.moe_shared_expert_intermediate_size} is not a multiple "
-                              f"of moe_ffn_hidden_size {md.moe_ffn_hidden_size} (GLM-4.5's n_shared_experts)")
-    if getattr(md, "moe_router_score_function", None) != "sigmoid" or not getattr(md, "moe_router_enable_expert_bias", False):
+    moe = md.moe
+    assert moe is not None
+    if not moe.shared_expert_intermediate_size or moe.shared_expert_intermediate_size % moe.ffn_hidden_size:
+        raise ConversionError(f"moe_shared_expert_intermediate_size {moe.shared_expert_intermediate_size} is not a multiple "
+                              f"of moe_ffn_hidden_size {moe.ffn_hidden_size} (GLM-4.5's n_shared_experts)")
+    if moe.router_score_function != "sigmoid" or not moe.router_enable_expert_bias:
         raise ConversionError("GLM-4.5 routes with sigmoid scores and an expert bias; this checkpoint has "
-                              f"moe_router_score_function {getattr(md, 'moe_router_score_function', None)}, "
-                              f"moe_router_enable_expert_bias {getattr(md, 'moe_router_enable_expert_bias', None)}")
+                              f"moe_router_score_function {moe.router_score_function}, "
+                              f"moe_router_enable_expert_bias {moe.router_enable_expert_bias}")
     if md.linear_bias or md.norm_has_bias or not md.swiglu or md.position_embedding_type != "rope":
         raise ConversionError("GLM-4.5 needs SwiGLU, RMSNorm, RoPE and no linear bias besides q/k/v")
 
 
-def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
-    """A glm4_moe config.json rebuilt from the metadata (a checkpoint without a recorded HF config)."""
-    topk, groups = md.moe_router_topk, md.moe_router_num_groups
+def hf_config_from_metadata(md: ModelSpec, vocab_size: int) -> dict[str, Any]:
+    """A glm4_moe config.json rebuilt from the spec (a checkpoint without a recorded HF config)."""
+    moe = md.moe
+    assert moe is not None
+    topk, groups = moe.router_topk, moe.router_num_groups
     return {
         "architectures": ["Glm4MoeForCausalLM"], "model_type": MODEL_TYPE, "vocab_size": vocab_size,
-        "hidden_size": md.hidden_size, "intermediate_size": md.ffn_hidden_size, "moe_intermediate_size": md.moe_ffn_hidden_size,
+        "hidden_size": md.hidden_size, "intermediate_size": md.ffn_hidden_size, "moe_intermediate_size": moe.ffn_hidden_size,
         "num_hidden_layers": md.num_layers, "num_attention_heads": md.num_attention_heads,
         "num_key_value_heads": md.num_query_groups, "head_dim": md.kv_channels, "attention_bias": bool(md.qkv_bias),
-        "use_qk_norm": bool(md.qk_layernorm), "n_routed_experts": md.num_experts,
-        "n_shared_experts": md.moe_shared_expert_intermediate_size // md.moe_ffn_hidden_size,
+        "use_qk_norm": bool(md.qk_layernorm), "n_routed_experts": moe.num_experts,
+        "n_shared_experts": moe.shared_expert_intermediate_size // moe.ffn_hidden_size,
         "num_experts_per_tok": topk, "norm_topk_prob": topk > 1,
-        "n_group": groups or 1, "topk_group": md.moe_router_group_topk if groups else 1,
-        "routed_scaling_factor": md.moe_router_topk_scaling_factor or 1.0, "first_k_dense_replace": md.first_k_dense_replace,
+        "n_group": groups or 1, "topk_group": moe.router_group_topk if groups else 1,
+        "routed_scaling_factor": moe.router_topk_scaling_factor or 1.0, "first_k_dense_replace": moe.first_k_dense_replace,
         "hidden_act": "silu", "max_position_embeddings": md.max_position_embeddings, "rms_norm_eps": md.norm_epsilon,
-        "rope_parameters": {"rope_type": "default", "rope_theta": md.rotary_base,
-                            "partial_rotary_factor": getattr(md, "rotary_percent", 1.0)},
-        "tie_word_embeddings": not md.output_layer, "num_nextn_predict_layers": getattr(md, "mtp_num_layers", 0) or 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": md.rotary_base, "partial_rotary_factor": md.rotary_percent},
+        "tie_word_embeddings": not md.output_layer, "num_nextn_predict_layers": md.mtp_num_layers,
     }
 
 
-def check_config(cfg: dict[str, Any], md: argparse.Namespace) -> None:
+def check_config(cfg: dict[str, Any], md: ModelSpec) -> None:
     """The output config.json must describe the checkpoint's attention and router, which the generic
     checks (layer and head counts) do not cover."""
     full = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    moe = md.moe
+    assert moe is not None
     if cfg.get("model_type") != MODEL_TYPE:
         raise ConversionError(f"config.json model_type {cfg.get('model_type')!r} is not {MODEL_TYPE} (the checkpoint is GLM-4.5)")
     groups, group_topk = check_router(full["num_experts_per_tok"], full["n_routed_experts"], full["n_group"],
                                       full["topk_group"], bool(full["norm_topk_prob"]))
     pairs = (
-        ("partial_rotary_factor", partial_rotary_factor(full), "rotary_percent", getattr(md, "rotary_percent", 1.0)),
+        ("partial_rotary_factor", partial_rotary_factor(full), "rotary_percent", md.rotary_percent),
         ("attention_bias", bool(full["attention_bias"]), "add_qkv_bias", bool(md.qkv_bias)),
         ("use_qk_norm", bool(full["use_qk_norm"]), "qk_layernorm", bool(md.qk_layernorm)),
-        ("n_routed_experts", full["n_routed_experts"], "num_experts", md.num_experts),
-        ("moe_intermediate_size", full["moe_intermediate_size"], "moe_ffn_hidden_size", md.moe_ffn_hidden_size),
+        ("n_routed_experts", full["n_routed_experts"], "num_experts", moe.num_experts),
+        ("moe_intermediate_size", full["moe_intermediate_size"], "moe_ffn_hidden_size", moe.ffn_hidden_size),
         ("n_shared_experts x moe_intermediate_size", full["n_shared_experts"] * full["moe_intermediate_size"],
-         "moe_shared_expert_intermediate_size", md.moe_shared_expert_intermediate_size),
-        ("num_experts_per_tok", full["num_experts_per_tok"], "moe_router_topk", md.moe_router_topk),
+         "moe_shared_expert_intermediate_size", moe.shared_expert_intermediate_size),
+        ("num_experts_per_tok", full["num_experts_per_tok"], "moe_router_topk", moe.router_topk),
         ("n_group / topk_group", (groups, group_topk), "moe_router_num_groups / group_topk",
-         (md.moe_router_num_groups, md.moe_router_group_topk) if md.moe_router_group_topk else (None, None)),
+         (moe.router_num_groups, moe.router_group_topk) if moe.router_group_topk else (None, None)),
         ("routed_scaling_factor", float(full["routed_scaling_factor"]), "moe_router_topk_scaling_factor",
-         float(md.moe_router_topk_scaling_factor or 1.0)),
-        ("first_k_dense_replace", full["first_k_dense_replace"], "first_k_dense_replace", md.first_k_dense_replace),
+         float(moe.router_topk_scaling_factor or 1.0)),
+        ("first_k_dense_replace", full["first_k_dense_replace"], "first_k_dense_replace", moe.first_k_dense_replace),
     )
     for hf_key, hf_value, md_key, md_value in pairs:
         if hf_value != md_value:
             raise ConversionError(f"config.json {hf_key}={hf_value} disagrees with the checkpoint's {md_key}={md_value}")
     # transformers saves a model without its MTP layers under a config that still names them: the config's
     # count stays unless the checkpoint holds MTP layers.
-    if getattr(md, "mtp_num_layers", 0):
+    if md.mtp_num_layers:
         cfg["num_nextn_predict_layers"] = md.mtp_num_layers
 
 
-def layer_section(md: argparse.Namespace, layer: int) -> Section:
+def layer_section(md: ModelSpec, layer: int) -> Section:
     return MOE_LAYER if P.is_moe_layer(md, layer) else DENSE_LAYER

@@ -10,19 +10,19 @@ goes back to its family's tensor names and config.json whether or not it recorde
 
 from __future__ import annotations
 
-import argparse
 from types import ModuleType
 
 from ..errors import ConversionError
+from ..transport.spec import ModelSpec
 from . import mixtral, qwen2_moe, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {f.MODEL_TYPE: f for f in (qwen3_moe, qwen2_moe, mixtral)}
 
 
-def for_metadata(md: argparse.Namespace) -> ModuleType:
+def for_metadata(md: ModelSpec) -> ModuleType:
     """The recorded family (whose `check` then holds the checkpoint to it), else the one family whose flags the
     checkpoint has, else one error line listing them."""
-    recorded = getattr(md, "hf_model_type", None) or (getattr(md, "hf_config", None) or {}).get("model_type")
+    recorded = md.hf_model_type or (md.hf_config or {}).get("model_type")
     if recorded in FAMILIES:
         return FAMILIES[recorded]
     held = [f for f in FAMILIES.values() if f.holds(md)]

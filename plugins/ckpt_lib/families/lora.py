@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConversionError
 from ..layout.sharding import COLUMN, GATED, REPLICATED, ROW, gather
+from ..transport.spec import ModelSpec
 
 LORA_A, LORA_B = "lora A", "lora B"  # protocol key suffixes when adapters travel unmerged
 ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.default\.weight$")
@@ -67,16 +68,17 @@ def gather_adapter(shards: list[dict[str, torch.Tensor]], rule: str, module: str
     raise ConversionError(f"LoRA on {module} (a {rule} parameter) is not supported")
 
 
-def split_fused_down(adapters: dict[str, dict[str, torch.Tensor]], md: Any) -> dict[str, dict[str, torch.Tensor]]:
+def split_fused_down(adapters: dict[str, dict[str, torch.Tensor]], md: ModelSpec) -> dict[str, dict[str, torch.Tensor]]:
     """MindSpeed-LLM's fused MLA down projection `linear_qkv` = [q_down; kv_down]: its adapter shares
     lora_A and splits lora_B's rows the same way."""
-    if not getattr(md, "multi_latent_attention", False):
+    if md.mla is None:
         return adapters
+    rank = md.mla.q_lora_rank
     out = {}
     for module, pair in adapters.items():
         if module.endswith(".self_attention.linear_qkv"):
             base = module[: -len("linear_qkv")]
-            b_q, b_kv = pair["B"][: md.q_lora_rank], pair["B"][md.q_lora_rank:]
+            b_q, b_kv = pair["B"][:rank], pair["B"][rank:]
             out[base + "linear_q_down_proj"] = {"A": pair["A"], "B": b_q}
             out[base + "linear_kv_down_proj"] = {"A": pair["A"], "B": b_kv}
         else:

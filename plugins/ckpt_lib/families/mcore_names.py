@@ -7,10 +7,10 @@ norms live). The same table drives the saver (split) and the loader (gather).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..layout.sharding import COLUMN, GATED, REPLICATED, ROW
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec, flag_holds
 
 VOCAB = "vocab"  # column split after padding the vocabulary
 
@@ -19,7 +19,7 @@ VOCAB = "vocab"  # column split after padding the vocabulary
 class Param:
     """Megatron name suffix <- protocol keys (two for a gated fc1) split by `rule`.
 
-    `when` lists metadata flags that must all hold; a leading '!' negates one.
+    `when` lists spec flags (`spec.flag_holds`) that must all hold; a leading '!' negates one.
     """
 
     name: str
@@ -28,21 +28,17 @@ class Param:
     when: tuple[str, ...] = ()
     fp32: bool = False  # kept in fp32 whatever the params dtype (Megatron's router expert_bias)
 
-    def applies(self, md: Any) -> bool:
-        for flag in self.when:
-            want = not flag.startswith("!")
-            if bool(getattr(md, flag.lstrip("!"), False)) != want:
-                return False
-        return True
+    def applies(self, md: ModelSpec) -> bool:
+        return all(flag_holds(md, flag) for flag in self.when)
 
 
 TE = "transformer_engine"
-SHARED = "moe_shared_expert_intermediate_size"  # None or 0 (Qwen3-MoE): no shared expert
+SHARED = "moe.shared_expert_intermediate_size"  # None or 0 (Qwen3-MoE): no shared expert
 
 
-def attention_params(md: Any, impl: str, whole_mla_down: bool = False) -> tuple[Param, ...]:
+def attention_params(md: ModelSpec | None, impl: str, whole_mla_down: bool = False) -> tuple[Param, ...]:
     """Self-attention of one layer: GQA (dense GPT) or MLA (DeepSeek-V3)."""
-    if getattr(md, "multi_latent_attention", False):
+    if md is not None and md.mla is not None:
         return mla_params(impl, whole_mla_down)
     norm = "self_attention.linear_qkv.layer_norm_" if impl == TE else "input_layernorm."
     return (
@@ -67,10 +63,10 @@ def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
     kv_norm = "self_attention.linear_kv_up_proj.layer_norm_weight" if impl == TE else "self_attention.kv_layernorm.weight"
     return (
         Param("input_layernorm.weight", (P.INPUT_NORM_W,), REPLICATED),
-        Param("self_attention.linear_q_proj.weight", (P.Q_W,), COLUMN, ("!q_lora_rank",)),
-        Param("self_attention.linear_q_down_proj.weight", (P.Q_DOWN_W,), down, ("q_lora_rank",)),
-        Param(q_norm, (P.Q_DOWN_NORM_W,), REPLICATED, ("q_lora_rank",)),
-        Param("self_attention.linear_q_up_proj.weight", (P.Q_UP_W,), COLUMN, ("q_lora_rank",)),
+        Param("self_attention.linear_q_proj.weight", (P.Q_W,), COLUMN, ("!mla.q_lora_rank",)),
+        Param("self_attention.linear_q_down_proj.weight", (P.Q_DOWN_W,), down, ("mla.q_lora_rank",)),
+        Param(q_norm, (P.Q_DOWN_NORM_W,), REPLICATED, ("mla.q_lora_rank",)),
+        Param("self_attention.linear_q_up_proj.weight", (P.Q_UP_W,), COLUMN, ("mla.q_lora_rank",)),
         Param("self_attention.linear_kv_down_proj.weight", (P.KV_DOWN_W,), down),
         Param(kv_norm, (P.KV_DOWN_NORM_W,), REPLICATED),
         Param("self_attention.linear_kv_up_proj.weight", (P.KV_UP_W,), COLUMN),
@@ -78,17 +74,17 @@ def mla_params(impl: str, whole_down: bool = False) -> tuple[Param, ...]:
     )
 
 
-def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
+def mlp_params(md: ModelSpec | None, impl: str, moe: bool) -> tuple[Param, ...]:
     """The MLP of one layer without its routed experts: dense MLP, or router (+ expert bias, + shared
     expert, + its sigmoid gate, each only when the metadata says the model has it)."""
     if moe:  # the TE spec keeps pre_mlp_layernorm separate for MoE layers
         return (
             Param("pre_mlp_layernorm.weight", (P.POST_NORM_W,), REPLICATED),
             Param("mlp.router.weight", (P.ROUTER_W,), REPLICATED),
-            Param("mlp.router.expert_bias", (P.ROUTER_BIAS,), REPLICATED, ("moe_router_enable_expert_bias",), fp32=True),
+            Param("mlp.router.expert_bias", (P.ROUTER_BIAS,), REPLICATED, ("moe.router_enable_expert_bias",), fp32=True),
             Param("mlp.shared_experts.linear_fc1.weight", (P.SHARED_FC1_GATE_W, P.SHARED_FC1_UP_W), GATED, (SHARED,)),
             Param("mlp.shared_experts.linear_fc2.weight", (P.SHARED_FC2_W,), ROW, (SHARED,)),
-            Param("mlp.shared_experts.gate_weight", (P.SHARED_GATE_W,), REPLICATED, (SHARED, "moe_shared_expert_gate")),
+            Param("mlp.shared_experts.gate_weight", (P.SHARED_GATE_W,), REPLICATED, (SHARED, "moe.shared_expert_gate")),
         )
     norm = "mlp.linear_fc1.layer_norm_" if impl == TE else "pre_mlp_layernorm."
     return (
@@ -103,7 +99,7 @@ def mlp_params(md: Any, impl: str, moe: bool) -> tuple[Param, ...]:
     )
 
 
-def layer_params(impl: str, md: Any = None, moe: bool = False, whole_mla_down: bool = False) -> tuple[Param, ...]:
+def layer_params(impl: str, md: ModelSpec | None = None, moe: bool = False, whole_mla_down: bool = False) -> tuple[Param, ...]:
     """Parameters of one transformer layer (without routed experts)."""
     return attention_params(md, impl, whole_mla_down) + mlp_params(md, impl, moe)
 

@@ -16,9 +16,9 @@ import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConversionError
+from ..transport.spec import ModelSpec
 
 Version = tuple[int, int]
 
@@ -97,9 +97,9 @@ def detect_mtp_submodule(names: list[str], index: int = 0) -> str:
     return MTP_SUBMODULES[0]
 
 
-def check_target(md: Any, version: Version) -> None:
+def check_target(md: ModelSpec, version: Version) -> None:
     """What the target release cannot build from these weights is refused before anything is written."""
-    if getattr(md, "multi_latent_attention", False) and not md.q_lora_rank and version >= Q_NORM_FUSED:
+    if md.mla and not md.mla.q_lora_rank and version >= Q_NORM_FUSED:
         raise ConversionError(f"MLA without q_lora_rank (a plain query projection: DeepSeek-V2-Lite, Moonlight): megatron-core "
                               f"{version[0]}.{version[1]} fuses a norm into linear_q_proj when qk_layernorm is on (as the MLA kv "
                               "norm needs; checked in 0.19.2), a norm the HF model does not have; use --target-mcore-version 0.16")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from ..transport.spec import MLASpec, ModelSpec
 
 EXPERT_FC = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.linear_fc([12])\.weight$")
 GROUPED = re.compile(r"^(.*\.mlp\.experts\.)weight([12])$")
@@ -103,22 +104,22 @@ MM_SPLIT = (("linear_q_up_proj.weight", ("linear_qk_nope.weight", "linear_qk_rop
             ("linear_kv_up_proj.weight", ("linear_kv_nope.weight", "linear_v.weight"), ("qk_head_dim", "v_head_dim")))
 
 
-def mm_split(state: dict[str, torch.Tensor], md: Any) -> dict[str, torch.Tensor]:
+def mm_split(state: dict[str, torch.Tensor], mla: MLASpec) -> dict[str, torch.Tensor]:
     out = dict(state)
     for fused, names, dims in MM_SPLIT:
         for name in [n for n in state if n.endswith(SA + fused)]:
             base = name[: -len(fused)]
-            for piece_name, piece in zip(names, _carve(out.pop(name), [getattr(md, d) for d in dims])):
+            for piece_name, piece in zip(names, _carve(out.pop(name), [getattr(mla, d) for d in dims])):
                 out[base + piece_name] = piece
     return out
 
 
-def mm_unsplit(state: dict[str, Any], md: Any) -> dict[str, Any]:
+def mm_unsplit(state: dict[str, Any], mla: MLASpec) -> dict[str, Any]:
     out = dict(state)
     for fused, names, dims in MM_SPLIT:
         for name in [n for n in state if n.endswith(SA + names[0])]:
             base = name[: -len(names[0])]
-            out[base + fused] = _uncarve([out.pop(base + n) for n in names], [getattr(md, d) for d in dims])
+            out[base + fused] = _uncarve([out.pop(base + n) for n in names], [getattr(mla, d) for d in dims])
     return out
 
 
@@ -142,25 +143,25 @@ def unrename_norms(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_mindspeed(state: dict[str, torch.Tensor], md: Any, grouped_gemm: bool, mla_mm_split: bool) -> dict[str, torch.Tensor]:
+def to_mindspeed(state: dict[str, torch.Tensor], md: ModelSpec, grouped_gemm: bool, mla_mm_split: bool) -> dict[str, torch.Tensor]:
     """Rewrite one chunk from megatron-core local names to MindSpeed-LLM names."""
-    if getattr(md, "multi_latent_attention", False):
+    if md.mla:
         state = fuse_mla_down(state)
         if mla_mm_split:
-            state = mm_split(state, md)
+            state = mm_split(state, md.mla)
     if grouped_gemm:
         state = group_experts(state)
-    return rename_norms(state, bool(getattr(md, "mtp_num_layers", 0)))
+    return rename_norms(state, bool(md.mtp_num_layers))
 
 
-def from_mindspeed(state: dict[str, Any], md: Any, num_local_experts: int) -> dict[str, Any]:
+def from_mindspeed(state: dict[str, Any], md: ModelSpec, num_local_experts: int) -> dict[str, Any]:
     """Inverse of `to_mindspeed`, detecting which rewrites the chunk carries."""
     state = unrename_norms(state)
     if any(GROUPED.match(n) for n in state):
         state = ungroup_experts(state, num_local_experts, md.hidden_size)
-    if getattr(md, "multi_latent_attention", False):
-        state = mm_unsplit(state, md)
-        state = split_mla_down(state, md.q_lora_rank)
+    if md.mla:
+        state = mm_unsplit(state, md.mla)
+        state = split_mla_down(state, md.mla.q_lora_rank)
     return state
 
 

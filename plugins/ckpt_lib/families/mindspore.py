@@ -104,10 +104,11 @@ def mcore_sections(qkv_interleaved: bool, fc1_interleaved: bool) -> tuple[Sectio
 
 def _split_mla_down(tensors: Tensors, md: Any) -> Tensors:
     (fused,) = tensors
-    rows = md.q_lora_rank + md.kv_lora_rank + md.qk_pos_emb_head_dim
+    mla = md.mla
+    rows = mla.q_lora_rank + mla.kv_lora_rank + mla.qk_pos_emb_head_dim
     if fused.shape[0] != rows:
         raise ConversionError(f"MLA linear_qkv has {fused.shape[0]} rows, expected q_lora_rank + kv_lora_rank + rope dim = {rows}")
-    return tuple(torch.split(fused, [md.q_lora_rank, md.kv_lora_rank + md.qk_pos_emb_head_dim], dim=0))
+    return tuple(torch.split(fused, [mla.q_lora_rank, mla.kv_lora_rank + mla.qk_pos_emb_head_dim], dim=0))
 
 
 MLA_DOWN_CONCAT = Op("mla-qkv-concat", _split_mla_down, _join_halves)
@@ -174,10 +175,10 @@ def moe_sections(qkv_interleaved: bool, fc1_interleaved: bool, mla: bool, mla_co
     dense_mlp = tuple(r for r in dense[1].relations if r.source[0].startswith("mlp."))
     moe = (
         Relation(("mlp.router.weight",), (P.ROUTER_W,)),
-        Relation(("mlp.router.expert_bias",), (P.ROUTER_BIAS,), when="moe_router_enable_expert_bias"),
+        Relation(("mlp.router.expert_bias",), (P.ROUTER_BIAS,), when="moe.router_enable_expert_bias"),
         Relation(("mlp.shared_experts.linear_fc1.weight",), (P.SHARED_FC1_GATE_W, P.SHARED_FC1_UP_W), fc1,
-                 when="moe_shared_expert_intermediate_size"),
-        Relation(("mlp.shared_experts.linear_fc2.weight",), (P.SHARED_FC2_W,), when="moe_shared_expert_intermediate_size"),
+                 when="moe.shared_expert_intermediate_size"),
+        Relation(("mlp.shared_experts.linear_fc2.weight",), (P.SHARED_FC2_W,), when="moe.shared_expert_intermediate_size"),
     )
     experts = (Relation((EXPERT_FC1_GATE,), (P.FC1_GATE_W,)), Relation((EXPERT_FC1_UP,), (P.FC1_UP_W,)),
                Relation((EXPERT_FC2,), (P.FC2_W,)))

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConversionError
 from ..io.qlora import dequantize_nf4, quantize_nf4
 from ..layout.sharding import materialize
+from ..transport.spec import ModelSpec
 from .mindspeed import from_mindspeed, group_experts, to_mindspeed
 
 MEGATRON_CORE, MINDSPEED = "megatron-core", "mindspeed"
@@ -36,14 +37,14 @@ class NamingProfile:
         """Whether writing keeps megatron-core's names and values (what the optimizer-state layout assumes)."""
         return self.naming == MEGATRON_CORE and not self.grouped and not self.nf4
 
-    def check(self, md: Any, tp: int, ep: int, dualpipev: bool) -> None:
+    def check(self, md: ModelSpec, tp: int, ep: int, dualpipev: bool) -> None:
         """The seeds' exclusions between MindSpeed-LLM options, for a model and target sizes."""
-        mindspeed, experts = self.naming == MINDSPEED, md.num_experts or 0
+        mindspeed, experts = self.naming == MINDSPEED, md.moe.num_experts if md.moe else 0
         if (self.mm_split or self.tp_extend) and not mindspeed:
             raise ConversionError("--mla-mm-split and --moe-tp-extend-ep are MindSpeed-LLM layouts: add --naming mindspeed")
-        if self.mm_split and not getattr(md, "multi_latent_attention", False):
+        if self.mm_split and md.mla is None:
             raise ConversionError("--mla-mm-split needs an MLA model")
-        if mindspeed and getattr(md, "multi_latent_attention", False) and not md.q_lora_rank:
+        if mindspeed and md.mla and not md.mla.q_lora_rank:
             raise ConversionError("--naming mindspeed: MindSpeed-LLM's layout of MLA without q_lora_rank (a plain query "
                                   "projection) is not known here; write megatron-core names")
         if self.tp_extend and not self.grouped:
@@ -55,7 +56,7 @@ class NamingProfile:
         if mindspeed and dualpipev and tp > 1 and not self.tp_extend:
             raise ConversionError("--schedules-method dualpipev with TP > 1 needs --moe-tp-extend-ep (MindSpeed-LLM)")
 
-    def write(self, chunk: dict[str, Any], md: Any) -> dict[str, Any]:
+    def write(self, chunk: dict[str, Any], md: ModelSpec) -> dict[str, Any]:
         """Spec names -> the files' names and packing. Shards stay views and `Joined` pairs (copied
         once, into the rank file's buffer) unless a rewrite computes with them."""
         if self.naming == MINDSPEED or self.grouped or self.nf4:
@@ -69,6 +70,6 @@ class NamingProfile:
         return chunk
 
     @staticmethod
-    def read(chunk: dict[str, Any], md: Any, experts_per_rank: int) -> dict[str, Any]:
+    def read(chunk: dict[str, Any], md: ModelSpec, experts_per_rank: int) -> dict[str, Any]:
         """The inverse of `write`, for whichever profile the chunk was written with."""
         return dequantize_nf4(from_mindspeed(chunk, md, experts_per_rank))

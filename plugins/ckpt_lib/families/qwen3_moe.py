@@ -10,7 +10,7 @@ config checks serve Qwen2-MoE and Mixtral too; `hf_moe` picks among the three.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConversionError
 from ..transport import protocol as P
+from ..transport.spec import ModelSpec, MoESpec
 from . import MoeTables, Op, Relation, Section, deepseek, dense
 
 MODEL_TYPE, EXPERT_SIZE = "qwen3_moe", "moe_intermediate_size"
@@ -26,9 +27,10 @@ MODEL_TYPE, EXPERT_SIZE = "qwen3_moe", "moe_intermediate_size"
 def _split_gate_up(tensors: tuple[torch.Tensor, ...], md: Any) -> tuple[torch.Tensor, ...]:
     """[E, 2I, H] -> gate [E, I, H], up [E, I, H] (transformers' `chunk(2, dim=-1)` of the output)."""
     (fused,) = tensors
-    if fused.shape[1] != 2 * md.moe_ffn_hidden_size:
-        raise ConversionError(f"gate_up_proj has {fused.shape[1]} rows per expert, expected 2 x {md.moe_ffn_hidden_size}")
-    return tuple(fused.split(md.moe_ffn_hidden_size, dim=1))
+    width = md.moe.ffn_hidden_size
+    if fused.shape[1] != 2 * width:
+        raise ConversionError(f"gate_up_proj has {fused.shape[1]} rows per expert, expected 2 x {width}")
+    return tuple(fused.split(width, dim=1))
 
 
 def _join_gate_up(tensors: tuple[torch.Tensor, ...], md: Any) -> tuple[torch.Tensor, ...]:
@@ -64,8 +66,8 @@ def first_dense_layers(cfg: dict[str, Any]) -> int:
 
 
 def moe_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, family: str, dense_family: str, expert_size: str,
-                 norm_topk: bool, norm_why: str = "norm_topk_prob true") -> argparse.Namespace:
-    """Protocol metadata for a softmax top-k MoE over routed experts on `dense_family`'s attention (HF `family`:
+                 norm_topk: bool, norm_why: str = "norm_topk_prob true") -> ModelSpec:
+    """The model spec of a softmax top-k MoE over routed experts on `dense_family`'s attention (HF `family`:
     Qwen3-MoE, Qwen2-MoE, Mixtral); `expert_size` names the config field of an expert's width, `norm_why` what
     makes the router renormalise. Refuses what megatron-core cannot express.
 
@@ -89,81 +91,81 @@ def moe_metadata(cfg: dict[str, Any], params_dtype: torch.dtype, family: str, de
                               "equivalent (its softmax after a top-1 is refused)")
     first_k = first_dense_layers(cfg)
     md = dense.metadata_from_hf(cfg, params_dtype, dense_family)
-    md.hf_model_type, md.num_experts = family, experts
-    md.moe_ffn_hidden_size, md.moe_shared_expert_intermediate_size = cfg[expert_size], None
-    md.first_k_dense_replace, md.moe_router_topk = first_k, topk
-    md.moe_router_num_groups = md.moe_router_group_topk = md.moe_router_topk_scaling_factor = None
-    md.moe_router_score_function, md.moe_router_pre_softmax = "softmax", not norm_topk
-    md.moe_router_enable_expert_bias, md.mtp_num_layers = False, 0
-    return md
+    return dataclasses.replace(md, hf_model_type=family, moe=MoESpec(
+        num_experts=experts, ffn_hidden_size=cfg[expert_size], first_k_dense_replace=first_k, router_topk=topk,
+        router_score_function="softmax", router_pre_softmax=not norm_topk, router_enable_expert_bias=False))
 
 
-def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype) -> argparse.Namespace:
-    """Protocol metadata for a Qwen3-MoE config.json (`norm_topk_prob` renormalises the top-k weights)."""
+def metadata_from_hf(cfg: dict[str, Any], params_dtype: torch.dtype) -> ModelSpec:
+    """The model spec of a Qwen3-MoE config.json (`norm_topk_prob` renormalises the top-k weights)."""
     if cfg.get("use_sliding_window"):
         raise ConversionError("config.json: use_sliding_window true is not supported (megatron-core GPT attends to all tokens)")
     return moe_metadata(cfg, params_dtype, MODEL_TYPE, "qwen3", EXPERT_SIZE, bool(cfg.get("norm_topk_prob", False)))
 
 
-def hf_tables(md: argparse.Namespace, has: Callable[[str], bool]) -> MoeTables:
+def hf_tables(md: ModelSpec, has: Callable[[str], bool]) -> MoeTables:
     """The experts' on-disk layout: per expert (what transformers 5 saves) or fused [E, ...] (its in-memory
     parameters), decided by the first MoE layer; the loader's validation then holds every layer to it."""
-    fused = has(f"model.layers.{md.first_k_dense_replace}.mlp.experts.gate_up_proj")
+    assert md.moe is not None
+    fused = has(f"model.layers.{md.moe.first_k_dense_replace}.mlp.experts.gate_up_proj")
     return FUSED_TABLES if fused else TABLES
 
 
-def layer_section(md: argparse.Namespace, layer: int) -> Section:
+def layer_section(md: ModelSpec, layer: int) -> Section:
     return TABLES.layer_section(md, layer)
 
 
-def plain_softmax_router(md: argparse.Namespace) -> bool:
+def plain_softmax_router(moe: MoESpec) -> bool:
     """A softmax top-k router without groups, scaling factor or expert bias, the only router of these HF families."""
-    return (getattr(md, "moe_router_score_function", None) in (None, "softmax") and not getattr(md, "moe_router_enable_expert_bias", False)
-            and not getattr(md, "moe_router_num_groups", None) and not getattr(md, "moe_router_topk_scaling_factor", None))
+    return (moe.router_score_function in (None, "softmax") and not moe.router_enable_expert_bias
+            and not moe.router_num_groups and not moe.router_topk_scaling_factor)
 
 
-def flags(md: argparse.Namespace) -> str:
+def flags(md: ModelSpec) -> str:
     """The settings that tell these families apart, for error lines."""
+    moe = md.moe
+    assert moe is not None
     named = {"q/k norm": md.qk_layernorm, "qkv bias": md.qkv_bias,
-             "shared expert": getattr(md, "moe_shared_expert_intermediate_size", None),
-             "shared-expert gate": getattr(md, "moe_shared_expert_gate", False),
-             "router": getattr(md, "moe_router_score_function", None), "pre-softmax": getattr(md, "moe_router_pre_softmax", False),
-             "expert bias": getattr(md, "moe_router_enable_expert_bias", False), "groups": getattr(md, "moe_router_num_groups", None),
-             "scaling factor": getattr(md, "moe_router_topk_scaling_factor", None),
-             "dense layers": getattr(md, "first_k_dense_replace", 0)}
+             "shared expert": moe.shared_expert_intermediate_size, "shared-expert gate": moe.shared_expert_gate,
+             "router": moe.router_score_function, "pre-softmax": moe.router_pre_softmax or False,
+             "expert bias": moe.router_enable_expert_bias, "groups": moe.router_num_groups,
+             "scaling factor": moe.router_topk_scaling_factor, "dense layers": moe.first_k_dense_replace}
     return ", ".join(f"{k} {v}" for k, v in named.items())
 
 
-def holds(md: argparse.Namespace) -> bool:
+def holds(md: ModelSpec) -> bool:
     """The checkpoint's flags are Qwen3-MoE's: q/k norm, routed experts only."""
-    return bool(md.qk_layernorm) and not getattr(md, "moe_shared_expert_intermediate_size", None) and plain_softmax_router(md)
+    return (md.moe is not None and md.qk_layernorm and not md.moe.shared_expert_intermediate_size
+            and plain_softmax_router(md.moe))
 
 
-def check(md: argparse.Namespace) -> None:
+def check(md: ModelSpec) -> None:
     """What a qwen3_moe config.json cannot say about a checkpoint."""
     if not holds(md):
         raise ConversionError(f"the checkpoint ({flags(md)}) is not a Qwen3-MoE (q/k norm, softmax router, routed experts only)")
 
 
-def check_moe_config(cfg: dict[str, Any], md: argparse.Namespace, family: str, expert_size: str) -> None:
+def check_moe_config(cfg: dict[str, Any], md: ModelSpec, family: str, expert_size: str) -> None:
     """The output config.json must be of the checkpoint's family, with its experts, top-k and expert width."""
+    moe = md.moe
+    assert moe is not None
     if cfg.get("model_type", family) != family:
         raise ConversionError(f"config.json model_type {cfg['model_type']!r} is not {family} (the checkpoint's family)")
-    for key, got, want in (("num_experts", cfg.get("num_experts", cfg.get("num_local_experts")), md.num_experts),
-                           ("num_experts_per_tok", cfg.get("num_experts_per_tok"), md.moe_router_topk),
-                           (expert_size, cfg.get(expert_size), md.moe_ffn_hidden_size)):
+    for key, got, want in (("num_experts", cfg.get("num_experts", cfg.get("num_local_experts")), moe.num_experts),
+                           ("num_experts_per_tok", cfg.get("num_experts_per_tok"), moe.router_topk),
+                           (expert_size, cfg.get(expert_size), moe.ffn_hidden_size)):
         if got is not None and got != want:
             raise ConversionError(f"config.json {key}={got} disagrees with the checkpoint's {want}")
 
 
-def check_config(cfg: dict[str, Any], md: argparse.Namespace) -> None:
+def check_config(cfg: dict[str, Any], md: ModelSpec) -> None:
     """The output config.json's router must be the checkpoint's (`moe_router_pre_softmax` = not `norm_topk_prob`)."""
     check_moe_config(cfg, md, MODEL_TYPE, EXPERT_SIZE)
-    pre = getattr(md, "moe_router_pre_softmax", None)
+    pre = md.moe.router_pre_softmax if md.moe else None
     if pre is not None and bool(cfg.get("norm_topk_prob", False)) == bool(pre):
         raise ConversionError(f"config.json norm_topk_prob={cfg.get('norm_topk_prob', False)} disagrees with the checkpoint's "
                               f"moe_router_pre_softmax={pre}")
 
 
-def hf_config_from_metadata(md: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+def hf_config_from_metadata(md: ModelSpec, vocab_size: int) -> dict[str, Any]:
     raise ConversionError("Qwen3-MoE output needs --hf-config-dir (its config.json is not rebuilt from metadata)")

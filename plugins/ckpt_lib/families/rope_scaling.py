@@ -1,7 +1,7 @@
-"""YaRN RoPE scaling of MLA models (DeepSeek-V3): HF config <-> protocol metadata <-> Megatron `args`.
+"""YaRN RoPE scaling of MLA models (DeepSeek-V3): HF config <-> model spec <-> Megatron `args`.
 
-The metadata extension `md.rope_scaling` is None (plain RoPE) or a dict with the keys of `YARN_KEYS`, in
-megatron-core's meaning: `factor` (MLATransformerConfig.rotary_scaling_factor), `mscale` and
+`ModelSpec.rope_scaling` is None (plain RoPE) or a `RopeScaling` (on the queue a dict with the keys of
+`YARN_KEYS`), in megatron-core's meaning: `factor` (MLATransformerConfig.rotary_scaling_factor), `mscale` and
 `mscale_all_dim` (the cos/sin factor is get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim),
 the MLA softmax scale is multiplied by get_mscale(factor, mscale_all_dim)^2), `original_max_position_embeddings`,
 `beta_fast`, `beta_slow` (the correction range, rounded to integers as both libraries do).
@@ -22,10 +22,12 @@ Where the releases read them (verified in the sources):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Any
 
 from ..errors import ConversionError
+from ..transport.spec import ModelSpec, RopeScaling
 
 YARN_KEYS = ("factor", "mscale", "mscale_all_dim", "original_max_position_embeddings", "beta_fast", "beta_slow")
 # MLATransformerConfig's values of the correction range (no Megatron-LM flag sets them for MLA).
@@ -47,8 +49,8 @@ def _rope_dict(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "rope_scaling", {}
 
 
-def from_hf(cfg: dict[str, Any], mla: bool) -> dict[str, Any] | None:
-    """`md.rope_scaling` for a config.json; what megatron-core cannot express is one error naming the field."""
+def from_hf(cfg: dict[str, Any], mla: bool) -> RopeScaling | None:
+    """The spec's `rope_scaling` for a config.json; what megatron-core cannot express is one error naming the field."""
     field, params = _rope_dict(cfg)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
@@ -72,25 +74,25 @@ def from_hf(cfg: dict[str, Any], mla: bool) -> dict[str, Any] | None:
     elif not mscale:
         raise ConversionError(f"config.json {field}.mscale missing or 0 with mscale_all_dim {all_dim}: transformers then "
                               "scales cos/sin by get_mscale(factor) alone, which megatron-core cannot express")
-    return {"factor": float(factor), "mscale": float(mscale), "mscale_all_dim": float(all_dim),
-            "original_max_position_embeddings": int(original),
-            "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1)}
+    return RopeScaling(factor=float(factor), mscale=float(mscale), mscale_all_dim=float(all_dim),
+                       original_max_position_embeddings=int(original),
+                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1))
 
 
-def to_hf(rs: dict[str, Any] | None) -> dict[str, Any] | None:
+def to_hf(rs: RopeScaling | None) -> dict[str, Any] | None:
     """config.json `rope_scaling` in DeepSeek-V3's release form (transformers 5 reads it as rope_parameters)."""
     if rs is None:
         return None
-    out: dict[str, Any] = {"type": "yarn", **{k: rs[k] for k in YARN_KEYS}}
+    out: dict[str, Any] = {"type": "yarn", **dataclasses.asdict(rs)}
     if out["factor"] == int(out["factor"]):
         out["factor"] = int(out["factor"])
     return out
 
 
-def write_args(args: argparse.Namespace, md: argparse.Namespace, naming: str) -> None:
+def write_args(args: argparse.Namespace, md: ModelSpec, naming: str) -> None:
     """Every name a release reads, explicitly (plain RoPE: rope_type 'rope', factor 1)."""
-    rs = getattr(md, "rope_scaling", None)
-    values = rs or {"factor": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0, **CONFIG_DEFAULTS}
+    rs = md.rope_scaling
+    values = dataclasses.asdict(rs) if rs else {"factor": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0, **CONFIG_DEFAULTS}
     args.rope_type = "yarn" if rs else "rope"
     args.rotary_scaling_factor = values["factor"]
     args.mscale, args.mscale_all_dim = values["mscale"], values["mscale_all_dim"]
@@ -103,8 +105,8 @@ def write_args(args: argparse.Namespace, md: argparse.Namespace, naming: str) ->
             setattr(args, "rope_scaling_" + name, values[name])
 
 
-def from_args(a: argparse.Namespace) -> dict[str, Any] | None:
-    """`md.rope_scaling` from a checkpoint's `args` (ours, Megatron-LM's or MindSpeed-LLM's names). Without
+def from_args(a: argparse.Namespace) -> RopeScaling | None:
+    """The spec's `rope_scaling` from a checkpoint's `args` (ours, Megatron-LM's or MindSpeed-LLM's names). Without
     `rope_type` MLA is YaRN (MLATransformerConfig's default); a factor of 1 is plain RoPE."""
     def first(*names: str, default: Any = None) -> Any:
         for name in names:
@@ -124,34 +126,35 @@ def from_args(a: argparse.Namespace) -> dict[str, Any] | None:
             rs[name] = first(name, "yarn_" + name, default=CONFIG_DEFAULTS[name])
     if float(rs["factor"]) == 1.0:
         return None
-    return {k: int(v) if k == "original_max_position_embeddings" else float(v) for k, v in rs.items()}
+    return RopeScaling(**{k: int(v) if k == "original_max_position_embeddings" else float(v) for k, v in rs.items()})
 
 
-def check_target(md: argparse.Namespace, version: tuple[int, int]) -> None:
+def check_target(md: ModelSpec, version: tuple[int, int]) -> None:
     """What the target release's MLA cannot compute is refused before anything is written."""
-    rs = getattr(md, "rope_scaling", None)
-    if rs and version < ORIGINAL_FIELD_SINCE and rs["mscale"] != rs["mscale_all_dim"]:
-        raise ConversionError(f"rope_scaling.mscale {rs['mscale']} != mscale_all_dim {rs['mscale_all_dim']}: megatron-core "
+    rs = md.rope_scaling
+    if rs and version < ORIGINAL_FIELD_SINCE and rs.mscale != rs.mscale_all_dim:
+        raise ConversionError(f"rope_scaling.mscale {rs.mscale} != mscale_all_dim {rs.mscale_all_dim}: megatron-core "
                               f"{version[0]}.{version[1]} scales the MLA softmax by mscale, transformers by mscale_all_dim "
                               "(use --target-mcore-version 0.16 or later)")
 
 
-def training_flags(md: argparse.Namespace, version: tuple[int, int]) -> tuple[list[str], list[str]]:
+def training_flags(md: ModelSpec, version: tuple[int, int]) -> tuple[list[str], list[str]]:
     """(flags the Megatron-LM training command must pass, warnings): --use-checkpoint-args copies none of these."""
-    rs = getattr(md, "rope_scaling", None)
-    if not getattr(md, "multi_latent_attention", False):
+    rs = md.rope_scaling
+    if md.mla is None:
         return [], []
     if rs is None:  # MLA defaults to YaRN; factor 1 is plain RoPE in every release
         flags = ["--rotary-scaling-factor", "1.0"] + (["--rope-type", "rope"] if version >= (0, 17) else [])
         return flags, []
-    flags = ["--rotary-scaling-factor", f"{rs['factor']:g}", "--mscale", f"{rs['mscale']:g}",
-             "--mscale-all-dim", f"{rs['mscale_all_dim']:g}"]
+    flags = ["--rotary-scaling-factor", f"{rs.factor:g}", "--mscale", f"{rs.mscale:g}",
+             "--mscale-all-dim", f"{rs.mscale_all_dim:g}"]
     if version >= (0, 17):
         flags = ["--rope-type", "yarn", *flags]
     warnings = []
     if version < ORIGINAL_FIELD_SINCE:  # core_r0.12's MLA takes --max-position-embeddings as YaRN's original length
-        flags += ["--max-position-embeddings", str(rs["original_max_position_embeddings"])]
-    odd = [f"{k} {rs[k]:g}" for k in ("original_max_position_embeddings", "beta_fast", "beta_slow") if rs[k] != CONFIG_DEFAULTS[k]
+        flags += ["--max-position-embeddings", str(rs.original_max_position_embeddings)]
+    values = dataclasses.asdict(rs)
+    odd = [f"{k} {values[k]:g}" for k in ("original_max_position_embeddings", "beta_fast", "beta_slow") if values[k] != CONFIG_DEFAULTS[k]
            and not (k == "original_max_position_embeddings" and version < ORIGINAL_FIELD_SINCE)]
     if odd:
         warnings.append(f"YaRN {', '.join(odd)} differ from MLATransformerConfig's defaults (4096, 32, 1), and Megatron-LM has "

@@ -201,9 +201,9 @@ def quantization_config(block: tuple[int, int]) -> dict[str, Any]:
     return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
 
 
-def recorded_block(md: Any) -> tuple[int, int] | None:
+def recorded_block(source_quantization: dict[str, Any] | None, hf_config: dict[str, Any] | None) -> tuple[int, int] | None:
     """The block size of the FP8 checkpoint a conversion came from (read directly, or kept in hf_config)."""
-    for q in (getattr(md, "source_quantization", None), (getattr(md, "hf_config", None) or {}).get("quantization_config")):
+    for q in (source_quantization, (hf_config or {}).get("quantization_config")):
         b = q.get("weight_block_size") if isinstance(q, dict) else None
         if isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b):
             return b[0], b[1]

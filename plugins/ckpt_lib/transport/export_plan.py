@@ -10,7 +10,6 @@ wrong prediction is exact for every message received and predicts the others fro
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import torch
 
 from ..io.safetensors_io import Spec, spec
 from . import protocol as P
+from .spec import ModelSpec
 
 LAYER = re.compile(r"^(transformer|mtp) layer \d+")
 
@@ -61,12 +61,12 @@ class ObservingReader(P.MessageReader):
         return msg
 
 
-def planned_reader(md: argparse.Namespace, vocab: int, observed: Observed, checking: bool) -> P.MessageReader:
+def planned_reader(md: ModelSpec, vocab: int, observed: Observed, checking: bool) -> P.MessageReader:
     """A MessageReader over the messages still to come after the metadata, on meta tensors."""
     return P.MessageReader(SimpleNamespace(get=planned_messages(md, vocab, observed).__next__), checking)
 
 
-def planned_messages(md: argparse.Namespace, vocab: int, observed: Observed) -> Iterator[Any]:
+def planned_messages(md: ModelSpec, vocab: int, observed: Observed) -> Iterator[Any]:
     """Every message after the metadata, in protocol order, as received where it was, else as predicted."""
 
     def meta(name: str, shapes: dict[str, tuple[int, ...]], nth: int = 0) -> dict[str, Any]:
@@ -88,8 +88,9 @@ def planned_messages(md: argparse.Namespace, vocab: int, observed: Observed) -> 
         if not P.is_moe_layer(md, index):
             return
         first, nth = 0, 0
-        while first < md.num_experts:
-            count = min(observed.experts_per_message, md.num_experts - first)
+        experts = md.moe.num_experts if md.moe else 0
+        while first < experts:
+            count = min(observed.experts_per_message, experts - first)
             msg = meta(P.experts_message(name), P.expert_shapes(md, count), nth)
             count = msg[P.FC2_W].shape[0]  # as received, where it was
             yield {**msg, P.FIRST_EXPERT: first}
@@ -102,6 +103,6 @@ def planned_messages(md: argparse.Namespace, vocab: int, observed: Observed) -> 
     yield meta(P.FINAL_NORM, shapes[P.FINAL_NORM])
     if md.output_layer:
         yield meta(P.OUTPUT_LAYER, shapes[P.OUTPUT_LAYER])
-    for k in range(getattr(md, "mtp_num_layers", 0) or 0):
+    for k in range(md.mtp_num_layers):
         yield from layer(P.mtp_message(k), md.num_layers + k, P.mtp_shapes(md))
     yield P.DONE

@@ -1,5 +1,9 @@
 """Megatron-LM `tools/checkpoint` queue protocol: message names, keys, metadata, checked receive.
 
+Inside the library the model is a typed `ModelSpec` (spec.py); the metadata Namespace on the queue is
+made from it and read back into it here only (`send_spec` / `receive_spec`), and still takes upstream
+loaders' SimpleNamespace and feeds upstream savers.
+
 Upstream names are kept exactly (REFERENCE §1). Extensions, all optional and announced in the
 metadata so upstream savers never see a key they do not expect unless the model needs it:
 - `md.qk_layernorm` and layer keys `q norm weight` / `k norm weight` (Qwen3-style q/k RMSNorm);
@@ -20,6 +24,7 @@ metadata so upstream savers never see a key they do not expect unless the model 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from .spec import LoraExport, MLASpec, ModelSpec, MoESpec, RopeScaling
 
 EMBEDDINGS = "embeddings"
 FINAL_NORM = "final norm"
@@ -74,9 +80,9 @@ def mtp_message(index: int) -> str:
     return f"mtp layer {index}"
 
 
-def is_moe_layer(md: argparse.Namespace, layer: int) -> bool:
+def is_moe_layer(md: ModelSpec, layer: int) -> bool:
     """DeepSeek-style: the first `first_k_dense_replace` layers are dense, the rest MoE (MTP is MoE)."""
-    return bool(getattr(md, "num_experts", None)) and layer >= getattr(md, "first_k_dense_replace", 0)
+    return md.moe is not None and layer >= md.moe.first_k_dense_replace
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -93,6 +99,62 @@ EXTENSION_FIELDS = (
     "ffn_hidden_size", "num_query_groups", "kv_channels", "normalization", "norm_epsilon",
     "rotary_base", "qk_layernorm", "vocab_size", "hf_config",
 )
+# Megatron's names of the model fields that upstream savers copy from `checkpoint_args`.
+CHECKPOINT_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "group_query_attention",
+    "kv_channels", "max_position_embeddings", "seq_length", "position_embedding_type", "rotary_base", "normalization",
+    "norm_epsilon", "swiglu", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights",
+    "tokenizer_type", "params_dtype", "bf16", "fp16", "make_vocab_size_divisible_by",
+)
+# Spec fields that are not one flat Namespace field of the same name.
+NESTED_FIELDS = ("mla", "moe", "rope_scaling", "lora_export", "share_layers")
+# Spec fields that travel as the Namespace's optional extensions, with the value they take when absent.
+OPTIONAL_FIELDS = {"hf_model_type": None, "rotary_percent": 1.0, "mtp_num_layers": 0, "source_quantization": None}
+MLA_FIELDS = tuple(f.name for f in dataclasses.fields(MLASpec))
+# MoESpec field -> its Namespace name (Megatron's argument name).
+MOE_FIELDS = {f.name: f.name if f.name in ("num_experts", "first_k_dense_replace") else "moe_" + f.name
+              for f in dataclasses.fields(MoESpec)}
+
+
+def megatron_model_args(md: ModelSpec | argparse.Namespace, params_dtype: torch.dtype | None = None,
+                        padded_vocab_size: int | None = None) -> dict[str, Any]:
+    """The model's fields under Megatron's argument names, in the order rank files record them: the one mapping
+    behind both `checkpoint_args` on the queue and the `args` of the rank files (families/megatron.py)."""
+    dtype = params_dtype or md.params_dtype
+    return {
+        "num_layers": md.num_layers,
+        "hidden_size": md.hidden_size,
+        "ffn_hidden_size": md.ffn_hidden_size,
+        "num_attention_heads": md.num_attention_heads,
+        "num_query_groups": md.num_query_groups,
+        "group_query_attention": md.num_query_groups != md.num_attention_heads,
+        "kv_channels": md.kv_channels,
+        "max_position_embeddings": md.max_position_embeddings,
+        "seq_length": md.seq_length,
+        "position_embedding_type": md.position_embedding_type,
+        "use_rotary_position_embeddings": md.position_embedding_type == "rope",
+        "add_position_embedding": md.position_embedding_type == "learned_absolute",
+        "rotary_base": md.rotary_base,
+        "rotary_percent": getattr(md, "rotary_percent", None) or 1.0,  # absent from upstream loaders' metadata
+        "rotary_interleaved": False,
+        "normalization": md.normalization,
+        "norm_epsilon": md.norm_epsilon,
+        "swiglu": md.swiglu,
+        "squared_relu": False,
+        "apply_layernorm_1p": False,
+        "add_bias_linear": md.linear_bias,
+        "add_qkv_bias": md.qkv_bias,
+        "qk_layernorm": md.qk_layernorm,
+        "untie_embeddings_and_output_weights": md.output_layer,
+        "padded_vocab_size": padded_vocab_size,
+        "vocab_size": md.vocab_size,
+        "true_vocab_size": md.true_vocab_size,
+        "make_vocab_size_divisible_by": md.make_vocab_size_divisible_by,
+        "tokenizer_type": md.tokenizer_type,
+        "params_dtype": dtype,
+        "fp16": dtype == torch.float16,
+        "bf16": dtype == torch.bfloat16,
+    }
 
 
 def make_metadata(**fields: Any) -> argparse.Namespace:
@@ -105,34 +167,50 @@ def make_metadata(**fields: Any) -> argparse.Namespace:
     if missing:
         raise ValueError(f"metadata is missing {missing}")
     md = argparse.Namespace(**fields)
-    md.checkpoint_args = argparse.Namespace(
-        num_layers=md.num_layers,
-        hidden_size=md.hidden_size,
-        ffn_hidden_size=md.ffn_hidden_size,
-        num_attention_heads=md.num_attention_heads,
-        num_query_groups=md.num_query_groups,
-        group_query_attention=md.num_query_groups != md.num_attention_heads,
-        kv_channels=md.kv_channels,
-        max_position_embeddings=md.max_position_embeddings,
-        seq_length=md.seq_length,
-        position_embedding_type=md.position_embedding_type,
-        rotary_base=md.rotary_base,
-        normalization=md.normalization,
-        norm_epsilon=md.norm_epsilon,
-        swiglu=md.swiglu,
-        add_bias_linear=md.linear_bias,
-        add_qkv_bias=md.qkv_bias,
-        qk_layernorm=md.qk_layernorm,
-        untie_embeddings_and_output_weights=md.output_layer,
-        sequence_parallel=False,
-        apply_query_key_layer_scaling=False,
-        tokenizer_type=md.tokenizer_type,
-        params_dtype=md.params_dtype,
-        bf16=md.params_dtype == torch.bfloat16,
-        fp16=md.params_dtype == torch.float16,
-        make_vocab_size_divisible_by=md.make_vocab_size_divisible_by,
-    )
+    named = megatron_model_args(md)
+    md.checkpoint_args = argparse.Namespace(**{name: named[name] for name in CHECKPOINT_ARGS},
+                                            sequence_parallel=False, apply_query_key_layer_scaling=False)
     return md
+
+
+def metadata_from_spec(spec: ModelSpec) -> argparse.Namespace:
+    """The upstream Namespace form of a spec: the flat fields, MLA's and MoE's only when the model has them."""
+    md = make_metadata(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec) if f.name not in NESTED_FIELDS},
+                       num_experts=spec.moe.num_experts if spec.moe else None)
+    md.learned_absolute = spec.learned_absolute
+    md.rope_scaling = dataclasses.asdict(spec.rope_scaling) if spec.rope_scaling else None
+    if spec.mla:
+        md.multi_latent_attention = True
+        vars(md).update(dataclasses.asdict(spec.mla))
+    if spec.moe:
+        vars(md).update({MOE_FIELDS[name]: value for name, value in dataclasses.asdict(spec.moe).items()})
+    if spec.lora_export:
+        md.lora_export = dataclasses.asdict(spec.lora_export)
+    md.share_layers = None if spec.share_layers is None else list(spec.share_layers)
+    return md
+
+
+def spec_from_metadata(md: argparse.Namespace) -> ModelSpec:
+    """The spec of a metadata Namespace (ours, or an upstream loader's once `normalize_metadata` completed it)."""
+    core = {f.name for f in dataclasses.fields(ModelSpec)} - set(NESTED_FIELDS)
+    fields = {name: getattr(md, name) for name in core - set(OPTIONAL_FIELDS)}
+    fields.update({name: getattr(md, name, None) or default for name, default in OPTIONAL_FIELDS.items()})
+    mla = (MLASpec(**{name: getattr(md, name) for name in MLA_FIELDS})
+           if getattr(md, "multi_latent_attention", False) else None)
+    moe = None
+    if md.num_experts:
+        given = {name: getattr(md, wire) for name, wire in MOE_FIELDS.items() if getattr(md, wire, None) is not None}
+        moe = MoESpec(**given)
+    rope = getattr(md, "rope_scaling", None)
+    lora = getattr(md, "lora_export", None)
+    share = getattr(md, "share_layers", None)
+    return ModelSpec(**fields, mla=mla, moe=moe, rope_scaling=RopeScaling(**rope) if rope else None,
+                     lora_export=LoraExport(**lora) if lora else None, share_layers=None if share is None else tuple(share))
+
+
+def spec_from_message(md: Any) -> ModelSpec:
+    """The spec of a metadata message as it came off the queue (ours, or an upstream loader's SimpleNamespace)."""
+    return spec_from_metadata(normalize_metadata(argparse.Namespace(**vars(md))))
 
 
 class LoaderExited(Exception):
@@ -187,6 +265,11 @@ def receive_metadata(reader: MessageReader) -> argparse.Namespace:
     return normalize_metadata(argparse.Namespace(**vars(md)))
 
 
+def receive_spec(reader: MessageReader) -> ModelSpec:
+    """The first message, as the spec our savers work from."""
+    return spec_from_metadata(receive_metadata(reader))
+
+
 # Upstream Megatron-LM savers (tools/checkpoint/saver_<name>.py), which hold only dense GPT/BERT models.
 UPSTREAM_SAVERS = ("core", "mcore", "legacy")
 
@@ -209,6 +292,11 @@ def send_metadata(queue: Any, md: argparse.Namespace, args: argparse.Namespace) 
     queue.put(wire)
 
 
+def send_spec(queue: Any, spec: ModelSpec, args: argparse.Namespace) -> None:
+    """Put a loader's spec on the queue in its Namespace form (`send_metadata`)."""
+    send_metadata(queue, metadata_from_spec(spec), args)
+
+
 def refuse_for_upstream_saver(md: argparse.Namespace, saver: str) -> None:
     """Upstream savers take dense GPT/BERT layers only (their schema has no key for the rest)."""
     features = [
@@ -224,11 +312,12 @@ def refuse_for_upstream_saver(md: argparse.Namespace, saver: str) -> None:
                               f"use --saver core_ext, which writes the same Megatron-Core checkpoint")
 
 
-def receive_experts(reader: MessageReader, message: str, md: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
+def receive_experts(reader: MessageReader, message: str, md: ModelSpec) -> Iterator[tuple[int, dict[str, Any]]]:
     """The routed-expert messages following layer `message`: yields (first expert, checked message)
-    until all `md.num_experts` experts have arrived, in order; the caller pops the stacked keys."""
+    until all `md.moe.num_experts` experts have arrived, in order; the caller pops the stacked keys."""
+    assert md.moe is not None
     received = 0
-    while received < md.num_experts:
+    while received < md.moe.num_experts:
         msg = reader.get(experts_message(message))
         first = take(msg, FIRST_EXPERT)
         count = msg[FC2_W].shape[0] if FC2_W in msg else 0
@@ -247,21 +336,24 @@ def take(msg: dict[str, Any], key: str) -> Any:
     return msg.pop(key)
 
 
-def layer_shapes(md: argparse.Namespace, layer: int = 0) -> dict[str, tuple[int, ...]]:
-    """Expected shape of every key of a layer message the metadata implies (what savers check)."""
+def layer_shapes(md: ModelSpec | argparse.Namespace, layer: int = 0) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every key of a layer message the metadata implies (what savers check), from a spec
+    or the Namespace on the queue."""
+    if not isinstance(md, ModelSpec):
+        md = spec_from_message(md)
     h = md.hidden_size
     shapes = {INPUT_NORM_W: (h,), POST_NORM_W: (h,)}
     if md.norm_has_bias:
         shapes.update({INPUT_NORM_B: (h,), POST_NORM_B: (h,)})
-    shapes.update(_mla_shapes(md) if getattr(md, "multi_latent_attention", False) else _attention_shapes(md))
-    if is_moe_layer(md, layer):
-        e, f = md.num_experts, md.moe_shared_expert_intermediate_size
+    shapes.update(_mla_shapes(md, md.mla) if md.mla else _attention_shapes(md))
+    if md.moe is not None and is_moe_layer(md, layer):
+        e, f = md.moe.num_experts, md.moe.shared_expert_intermediate_size
         shapes[ROUTER_W] = (e, h)
-        if getattr(md, "moe_router_enable_expert_bias", None) is not False:  # only an explicit False (Qwen3-MoE) drops it
+        if md.moe.router_enable_expert_bias:
             shapes[ROUTER_BIAS] = (e,)
         if f:  # MoE without shared experts (Qwen3-MoE) has none
             shapes.update({SHARED_FC1_GATE_W: (f, h), SHARED_FC1_UP_W: (f, h), SHARED_FC2_W: (h, f)})
-            if getattr(md, "moe_shared_expert_gate", False):
+            if md.moe.shared_expert_gate:
                 shapes[SHARED_GATE_W] = (1, h)
         return shapes
     f = md.ffn_hidden_size
@@ -276,37 +368,38 @@ def layer_shapes(md: argparse.Namespace, layer: int = 0) -> dict[str, tuple[int,
     return shapes
 
 
-def _attention_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+def _attention_shapes(md: ModelSpec) -> dict[str, tuple[int, ...]]:
     h, kv = md.hidden_size, md.kv_channels
     qkv_rows = (md.num_attention_heads + 2 * md.num_query_groups) * kv
     shapes = {QKV_W: (qkv_rows, h), DENSE_W: (h, md.num_attention_heads * kv)}
     if md.qkv_bias:
         shapes[QKV_B] = (qkv_rows,)
-    if getattr(md, "qk_layernorm", False):
+    if md.qk_layernorm:
         shapes.update({Q_NORM_W: (kv,), K_NORM_W: (kv,)})
     if md.linear_bias:
         shapes[DENSE_B] = (h,)
     return shapes
 
 
-def _mla_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    h, heads, rope = md.hidden_size, md.num_attention_heads, md.qk_pos_emb_head_dim
-    q_rows = heads * (md.qk_head_dim + rope)
-    query = ({Q_DOWN_W: (md.q_lora_rank, h), Q_DOWN_NORM_W: (md.q_lora_rank,), Q_UP_W: (q_rows, md.q_lora_rank)}
-             if md.q_lora_rank else {Q_W: (q_rows, h)})
+def _mla_shapes(md: ModelSpec, mla: MLASpec) -> dict[str, tuple[int, ...]]:
+    h, heads, rope = md.hidden_size, md.num_attention_heads, mla.qk_pos_emb_head_dim
+    q_rows = heads * (mla.qk_head_dim + rope)
+    query = ({Q_DOWN_W: (mla.q_lora_rank, h), Q_DOWN_NORM_W: (mla.q_lora_rank,), Q_UP_W: (q_rows, mla.q_lora_rank)}
+             if mla.q_lora_rank else {Q_W: (q_rows, h)})
     return {
         **query,
-        KV_DOWN_W: (md.kv_lora_rank + rope, h), KV_DOWN_NORM_W: (md.kv_lora_rank,),
-        KV_UP_W: (heads * (md.qk_head_dim + md.v_head_dim), md.kv_lora_rank), DENSE_W: (h, heads * md.v_head_dim),
+        KV_DOWN_W: (mla.kv_lora_rank + rope, h), KV_DOWN_NORM_W: (mla.kv_lora_rank,),
+        KV_UP_W: (heads * (mla.qk_head_dim + mla.v_head_dim), mla.kv_lora_rank), DENSE_W: (h, heads * mla.v_head_dim),
     }
 
 
-def expert_shapes(md: argparse.Namespace, count: int) -> dict[str, tuple[int, ...]]:
-    h, f = md.hidden_size, md.moe_ffn_hidden_size
+def expert_shapes(md: ModelSpec, count: int) -> dict[str, tuple[int, ...]]:
+    assert md.moe is not None
+    h, f = md.hidden_size, md.moe.ffn_hidden_size
     return {FC1_GATE_W: (count, f, h), FC1_UP_W: (count, f, h), FC2_W: (count, h, f)}
 
 
-def mtp_shapes(md: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+def mtp_shapes(md: ModelSpec) -> dict[str, tuple[int, ...]]:
     h = md.hidden_size
     extra = {MTP_ENORM_W: (h,), MTP_HNORM_W: (h,), MTP_EH_PROJ_W: (h, 2 * h), MTP_NORM_W: (h,)}
     return {**extra, **layer_shapes(md, md.num_layers)}
@@ -322,7 +415,7 @@ def check_shapes(msg: dict[str, Any], expected: dict[str, tuple[int, ...]], wher
             raise ConversionError(f"{where}: '{key}' has shape {list(got)}, expected {list(shape)}")
 
 
-def global_shapes(md: argparse.Namespace, vocab_rows: int) -> dict[str, dict[str, tuple[int, ...]]]:
+def global_shapes(md: ModelSpec, vocab_rows: int) -> dict[str, dict[str, tuple[int, ...]]]:
     """Expected shapes of the non-layer messages, for a vocabulary table of `vocab_rows` rows."""
     h = md.hidden_size
     norm = {"weight": (h,), **({"bias": (h,)} if md.norm_has_bias else {})}

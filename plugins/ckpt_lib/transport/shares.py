@@ -18,6 +18,7 @@ from ..io.manifest import Manifest
 from ..io.staging import StagedDir
 from ..layout.pipeline import PipelineLayout, make_layout, parse_layer_list
 from .runtime import Summary
+from .spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,14 @@ class Share:
         return {p for p in range(pp) for e in range(ep) for t in range(tp) if self.owns(p, e, t, sizes)}
 
 
-def target_sizes(args: argparse.Namespace, md: argparse.Namespace) -> tuple[int, int, int]:
+def target_sizes(args: argparse.Namespace, md: ModelSpec) -> tuple[int, int, int]:
     """(TP, PP, EP) of the output: the saver's `--target-*` options, else the source's."""
-    tp = getattr(args, "target_tensor_parallel_size", None) or getattr(md, "previous_tensor_parallel_size", 1) or 1
-    pp = getattr(args, "target_pipeline_parallel_size", None) or getattr(md, "previous_pipeline_parallel_size", 1) or 1
+    tp = getattr(args, "target_tensor_parallel_size", None) or md.previous_tensor_parallel_size or 1
+    pp = getattr(args, "target_pipeline_parallel_size", None) or md.previous_pipeline_parallel_size or 1
     return tp, pp, getattr(args, "target_expert_parallel_size", None) or 1
 
 
-def target_layout(args: argparse.Namespace, md: argparse.Namespace) -> PipelineLayout:
+def target_layout(args: argparse.Namespace, md: ModelSpec) -> PipelineLayout:
     """The output's pipeline layout from the saver's options (noop layers, uneven PP, VPP, dualpipev)."""
     noop = parse_layer_list(getattr(args, "noop_layers", None)) or []
     return make_layout(md.num_layers + len(noop), target_sizes(args, md)[1],
@@ -55,7 +56,7 @@ def target_layout(args: argparse.Namespace, md: argparse.Namespace) -> PipelineL
                        getattr(args, "schedules_method", None) == "dualpipev")
 
 
-def layers_to_send(args: argparse.Namespace, md: argparse.Namespace) -> list[int] | None:
+def layers_to_send(args: argparse.Namespace, md: ModelSpec) -> tuple[int, ...] | None:
     """The protocol layers (MTP layers numbered after the decoder's) a worker's saver needs, or None
     (all) when the conversion is not shared. Embeddings, final norm and output layer are always sent."""
     share: Share | None = getattr(args, "share", None)
@@ -65,8 +66,8 @@ def layers_to_send(args: argparse.Namespace, md: argparse.Namespace) -> list[int
     stages = share.stages(target_sizes(args, md))
     layers = [i for i in range(md.num_layers) if layout.locate_real(i)[0].pp_rank in stages]
     if layout.last_segment().pp_rank in stages:
-        layers += [md.num_layers + k for k in range(getattr(md, "mtp_num_layers", 0) or 0)]
-    return layers
+        layers += [md.num_layers + k for k in range(md.mtp_num_layers)]
+    return tuple(layers)
 
 
 def finish(staged: StagedDir, statuses: list[int], summary: Summary) -> int:
