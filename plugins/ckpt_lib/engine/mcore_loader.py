@@ -224,9 +224,9 @@ class McoreLoader:
             raise ConversionError("LoRA options given, but the checkpoint holds no LoRA adapters")
 
     def _gather(self, params: Iterable[Param], seg: Segment, prefix: str = "", ep: int = 0, only_tp: int | None = None,
-                empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = empty_shared, **fmt: int) -> dict[str, torch.Tensor]:
-        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged, joined into
-        `empty` (shared memory for the queue; None for experts, which are stacked into it next)."""
+                into: Callable[[str, list[int], torch.dtype], torch.Tensor] | None = None, **fmt: int) -> dict[str, torch.Tensor]:
+        """Full tensors from the TP shards (or from one TP rank's whole copy, `only_tp`), LoRA merged, joined once
+        into the tensor `into(key, shape, dtype)` gives for their protocol key (default: new shared memory for the queue)."""
         out: dict[str, torch.Tensor] = {}
         for param in params:
             name = prefix + param.name.format(**fmt)
@@ -234,10 +234,13 @@ class McoreLoader:
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
             self._read += shards
             rule = COLUMN if param.rule == VOCAB else param.rule
-            full = gather(shards, rule, name, empty)
+            keys = iter(param.keys)  # gather fills a gated pair's halves in key order
+            full = gather(shards, rule, name, empty_shared if into is None else
+                          lambda shape, dtype, keys=keys: into(next(keys), shape, dtype))
             module = name.removesuffix(".weight")
             if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
-                full = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
+                merged = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
+                full = tuple(t.copy_(m) for t, m in zip(full, merged)) if isinstance(full, tuple) else full.copy_(merged)
             out.update(zip(param.keys, full if isinstance(full, tuple) else (full,)))
         return out
 
@@ -253,9 +256,7 @@ class McoreLoader:
         num_experts = self.md.moe.num_experts if self.md.moe else 0
         for first in range(0, num_experts, self.experts_per_message):
             experts = range(first, min(first + self.experts_per_message, num_experts))
-            parts = [self._gather_expert(e, seg, placement.experts) for e in experts]
-            stacked = {k: torch.stack([p[k] for p in parts], out=empty_shared((len(parts), *parts[0][k].shape), parts[0][k].dtype))
-                       for k in parts[0]}
+            stacked = self._gather_experts(experts, seg, placement.experts)
             queue.put({"name": P.experts_message(placement.message), P.FIRST_EXPERT: first, **stacked})
             self._copied()
 
@@ -272,9 +273,19 @@ class McoreLoader:
             return tuple(merge(w, a, half, scale) for w, half in zip(full, b))
         return merge(full, a, b, scale)
 
-    def _gather_expert(self, expert: int, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
-        slot = self.plan.expert_slot(expert)
-        return self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, None, expert=slot.local)
+    def _gather_experts(self, experts: range, seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
+        """The experts' stacked keys [count, ...] in shared memory, each expert gathered straight into its row."""
+        stacked: dict[str, torch.Tensor] = {}
+
+        for row, expert in enumerate(experts):
+            def into(key: str, shape: list[int], dtype: torch.dtype, row: int = row) -> torch.Tensor:
+                if key not in stacked:
+                    stacked[key] = empty_shared((len(experts), *shape), dtype)
+                return stacked[key][row]
+
+            slot = self.plan.expert_slot(expert)
+            self._gather(self.plan.expert_params, seg, prefix, slot.ep_rank, slot.tp_rank, into, expert=slot.local)
+        return stacked
 
     def _gather_adapters(self, params: Iterable[Param], seg: Segment, prefix: str) -> dict[str, torch.Tensor]:
         """Protocol keys '<key> lora A' / '<key> lora B' of the adapted parameters (TP-gathered)."""
