@@ -6,14 +6,13 @@ on-disk expert layouts, negative controls and refusals."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from mcore_harness import mcore_logits, mcore_outputs, read_args
 from test_parity import mtp_reference
-from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_safetensors_dir
+from util import assert_same_conversion, assert_same_tensors, convert_inprocess, fuse_experts, hf_logits, read_safetensors_dir
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 # Group routing megatron-core can express (num_experts_per_tok / topk_group = 2), q/k norm, q/k/v bias,
@@ -160,25 +159,6 @@ def test_negative_controls_fail_parity(tmp_path, glm, dropped):
     edit_args(tmp_path / "mc", **dropped)
     assert (mcore_logits(tmp_path / "mc", TOKENS)[..., :100] - hf_logits(model, TOKENS)).abs().max() > 1e-3
 
-
-def fuse_experts(src, dst):
-    """The same checkpoint with transformers' in-memory expert layout on disk (MTP layer included):
-    gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
-    from safetensors.torch import save_file
-
-    tensors, cfg = read_safetensors_dir(src), config_of(src)
-    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    experts = range(cfg["n_routed_experts"])
-    for layer in range(cfg["num_hidden_layers"] + cfg["num_nextn_predict_layers"]):
-        p = f"model.layers.{layer}.mlp.experts."
-        if p + "0.gate_proj.weight" not in tensors:
-            continue
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"]])
-                                               for e in experts])
-        out[p + "down_proj"] = torch.stack([tensors[f"{p}{e}.down_proj.weight"] for e in experts])
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(src / "config.json", dst / "config.json")
 
 
 def test_fused_layout_gives_the_same_checkpoint(tmp_path, glm):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mcore_harness import mcore_logits, read_args
-from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_safetensors_dir
+from util import MOE_ROUND_TRIPS, assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_safetensors_dir
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CONFIG = dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
@@ -109,19 +109,11 @@ def test_fused_and_in_memory_layouts_give_the_same_checkpoint(tmp_path, hf, pref
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 
 
-ROUND_TRIPS = {
-    "te_tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "te_grouped_gemm": ["--moe-grouped-gemm", "--target-expert-parallel-size", "2"],
-    "torch_dist": ["--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2"],
-    "uneven_pp": [*LOCAL, "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
-}
-
-
-@pytest.mark.parametrize("layout", sorted(ROUND_TRIPS))
+@pytest.mark.parametrize("layout", sorted(MOE_ROUND_TRIPS))
 def test_more_layouts_round_trip_bit_exact(tmp_path, hf, layout):
     """TE names, grouped experts, torch_dist and uneven pipeline stages: HF -> mcore -> HF gives the original."""
     _, path = hf
-    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *ROUND_TRIPS[layout])
+    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *MOE_ROUND_TRIPS[layout])
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 

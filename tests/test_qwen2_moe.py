@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from mcore_harness import mcore_logits, read_args
-from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_mcore_dir, read_safetensors_dir
+from util import (
+    MOE_ROUND_TRIPS,
+    assert_same_conversion,
+    assert_same_tensors,
+    convert_inprocess,
+    fuse_experts,
+    hf_logits,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CONFIG = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
@@ -104,39 +113,14 @@ def test_dropped_shared_expert_gate_fails_parity_and_is_no_hf_family(tmp_path, t
     assert not (tmp_path / "back").exists()
 
 
-ROUND_TRIPS = {
-    "te_tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
-    "te_grouped_gemm": ["--moe-grouped-gemm", "--target-expert-parallel-size", "2"],
-    "torch_dist": ["--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2"],
-    "uneven_pp": [*LOCAL, "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
-}
-
-
-@pytest.mark.parametrize("layout", sorted(ROUND_TRIPS))
+@pytest.mark.parametrize("layout", sorted(MOE_ROUND_TRIPS))
 def test_more_layouts_round_trip_bit_exact(tmp_path, tmp_path_factory, layout):
     """TE names, grouped experts, torch_dist and uneven pipeline stages: HF -> mcore -> HF gives the original."""
     _, path = tiny(tmp_path_factory)
-    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *ROUND_TRIPS[layout])
+    convert_inprocess("hf", "core_ext", path, tmp_path / "mc", *MOE_ROUND_TRIPS[layout])
     convert_inprocess("core_ext", "hf", tmp_path / "mc", tmp_path / "back")
     assert_same_tensors(read_safetensors_dir(path), read_safetensors_dir(tmp_path / "back"))
 
-
-def fuse_experts(src, dst):
-    """The same checkpoint with transformers' in-memory expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
-    from safetensors.torch import save_file
-
-    tensors, cfg = read_safetensors_dir(src), json.loads((src / "config.json").read_text())
-    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}.mlp.experts."
-        if p + "0.gate_proj.weight" not in tensors:
-            continue
-        e = range(cfg["num_experts"])
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{i}.gate_proj.weight"], tensors[f"{p}{i}.up_proj.weight"]]) for i in e])
-        out[p + "down_proj"] = torch.stack([tensors[f"{p}{i}.down_proj.weight"] for i in e])
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg))
 
 
 def test_fused_layout_and_release_config_give_the_same_checkpoint(tmp_path, tmp_path_factory):

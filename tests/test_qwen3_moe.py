@@ -4,13 +4,19 @@ round trips."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from mcore_harness import mcore_logits, read_args
-from util import assert_same_conversion, assert_same_tensors, convert_inprocess, hf_logits, read_mcore_dir, read_safetensors_dir
+from util import (
+    assert_same_conversion,
+    assert_same_tensors,
+    convert_inprocess,
+    fuse_experts,
+    hf_logits,
+    read_mcore_dir,
+    read_safetensors_dir,
+)
 
 TOKENS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CONFIG = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -36,23 +42,6 @@ def make_qwen3_moe(directory, seed=0, **overrides):
     model.save_pretrained(directory)
     return model
 
-
-def fuse_experts(src, dst):
-    """The same checkpoint with transformers' in-memory expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
-    from safetensors.torch import save_file
-
-    tensors, cfg = read_safetensors_dir(src), json.loads((src / "config.json").read_text())
-    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}.mlp.experts."
-        if p + "0.gate_proj.weight" not in tensors:
-            continue
-        e = range(cfg["num_local_experts"])
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{i}.gate_proj.weight"], tensors[f"{p}{i}.up_proj.weight"]]) for i in e])
-        out[p + "down_proj"] = torch.stack([tensors[f"{p}{i}.down_proj.weight"] for i in e])
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg))
 
 
 MODELS: dict[bool, tuple] = {}

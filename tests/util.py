@@ -217,3 +217,36 @@ DEEPSEEK_LAYOUTS = {
     "noop": ["--target-pipeline-parallel-size", "2", "--noop-layers", "4,5", "--num-layers", "6"],
     "dualpipev": ["--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"],
 }
+
+
+def fuse_experts(src: Path, dst: Path) -> None:
+    """The same HF checkpoint with transformers' in-memory expert layout on disk: per MoE layer (MTP layers included)
+    gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I] in place of the per-expert matrices."""
+    import re
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tensors = read_safetensors_dir(src)
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    found = (re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.gate_proj\.weight", k) for k in tensors)
+    counts: dict[str, int] = {}
+    for m in filter(None, found):
+        counts[m[1]] = max(counts.get(m[1], 0), int(m[2]) + 1)
+    for p, count in counts.items():
+        experts = range(count)
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"]])
+                                               for e in experts])
+        out[p + "down_proj"] = torch.stack([tensors[f"{p}{e}.down_proj.weight"] for e in experts])
+    dst.mkdir()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(src / "config.json", dst / "config.json")
+
+
+# More layouts an MoE family's HF -> mcore -> HF round trip is checked at: TE names, grouped experts, torch_dist, uneven PP.
+MOE_ROUND_TRIPS = {
+    "te_tp2ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "te_grouped_gemm": ["--moe-grouped-gemm", "--target-expert-parallel-size", "2"],
+    "torch_dist": ["--ckpt-format", "torch_dist", "--target-expert-parallel-size", "2"],
+    "uneven_pp": ["--saver-transformer-impl", "local", "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
+}
