@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import struct
 import time
 import weakref
@@ -289,6 +290,38 @@ def test_mixed_dtypes_and_other_expert_chunks_are_planned_again(tmp_path, monkey
     monkeypatch.setattr(hf_saver, "Observed", lambda _: export_plan.Observed(8))
     convert_inprocess("hf_deepseek3", "hf", tmp_path / "ds", tmp_path / "wrong", *flags)
     assert replans and weights(tmp_path / "wrong") == weights(tmp_path / "right")
+
+
+def test_rank_file_tensors_are_read_from_the_file_not_the_map(tmp_path):
+    """loader_core_ext's copy out of a memory-mapped rank file reads the bytes with preadv (no page of the map
+    touched), into a contiguous slab or, through a reused buffer, into a row-parallel shard's strided slab;
+    a tensor outside the map is copied and its pages left alone; gathered shards equal torch.cat's."""
+    from ckpt_lib.io.megatron_io import FileMaps, load_rank_file
+    from ckpt_lib.layout.sharding import COLUMN, ROW, gather
+
+    shards = [torch.randn(512, 1024).to(torch.bfloat16) for _ in range(2)]
+    torch.save({"model": {"a": shards[0], "b": shards[1]}}, tmp_path / "rank.pt")
+    state = load_rank_file(tmp_path / "rank.pt")["model"]
+    maps = FileMaps()
+    maps.add(tmp_path / "rank.pt")
+    if not maps.ranges:
+        pytest.skip("no /proc/self/maps or madvise here")
+    mapped = [state["a"], state["b"]]
+    for rule, dim in ((COLUMN, 0), (ROW, 1)):
+        full = gather(mapped, rule, "w", lambda shape, dtype: torch.empty(shape, dtype=dtype), maps.copy)
+        assert torch.equal(full, torch.cat(shards, dim))
+    assert maps.read_through_map == []
+    with open("/proc/self/smaps") as f:  # the map's pages were never faulted in
+        text = f.read()
+    entry = text[text.index(str((tmp_path / "rank.pt").resolve())):]
+    assert int(re.search(r"^Rss:\s+(\d+) kB", entry, re.M).group(1)) < 64
+    outside = torch.randn(4, 4)
+    target = torch.empty(4, 4)
+    maps.copy(target, outside)
+    assert torch.equal(target, outside) and maps.read_through_map == [outside]
+    maps.drop_read()
+    with pytest.raises(ConversionError, match="shard 1 has shape"):
+        gather([shards[0], shards[1][:, :8]], COLUMN, "w", lambda shape, dtype: torch.empty(shape, dtype=dtype))
 
 
 def test_rank_file_pages_leave_the_loader_once_copied(tmp_path):

@@ -16,8 +16,14 @@ from util import assert_same_tensors, convert_cli, convert_inprocess, make_hf_mo
 MB = 1 << 20
 
 
-def _inode(storage: torch.UntypedStorage) -> int:
+def _inode(buffer: torch.UntypedStorage | torch.Tensor) -> int:
+    storage = buffer.untyped_storage() if isinstance(buffer, torch.Tensor) else buffer
     return os.fstat(storage._share_fd_cpu_()[0]).st_ino
+
+
+def _used(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A tensor on the buffer, as `empty_shared` makes (the pool keeps the storage object itself)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
 
 
 def _hold(inbox, outbox) -> None:
@@ -32,19 +38,17 @@ def _hold(inbox, outbox) -> None:
 def test_buffers_are_used_again_only_when_nobody_sees_them():
     messages = [0, 0]  # put, received by the saver
     pool = SharedPool(os.getpid(), lambda: (messages[0], messages[1]), budget=64 * MB)
-    first = pool.storage(2 * MB)
-    inode = _inode(first)
-    view = torch.empty(0, dtype=torch.uint8).set_(first, 0, (2 * MB,))
-    del first
+    view = _used(pool.storage(2 * MB))
+    inode = _inode(view)
     messages[:] = [5, 5]
-    kept = [pool.storage(2 * MB)]  # buffers still in use, so that only `first` can come back
+    kept = [_used(pool.storage(2 * MB))]  # buffers still in use, so that only `first` can come back
     assert _inode(kept[-1]) != inode  # a tensor here still uses it
     del view
-    kept.append(pool.storage(MB))  # notes that this process let go while 5 messages were out
-    kept.append(pool.storage(2 * MB))
+    kept.append(_used(pool.storage(MB)))  # notes that this process let go while 5 messages were out
+    kept.append(_used(pool.storage(2 * MB)))
     assert _inode(kept[-1]) != inode  # the saver may not have unpickled message 5 yet
     messages[:] = [6, 6]
-    again = pool.storage(2 * MB)
+    again = _used(pool.storage(2 * MB))
     assert _inode(again) == inode and pool.reused == 1
 
     ctx = multiprocessing.get_context("spawn")
@@ -57,16 +61,16 @@ def test_buffers_are_used_again_only_when_nobody_sees_them():
         assert outbox.get(timeout=60) == "mapped"
         del again
         messages[:] = [8, 8]
-        pool.storage(MB)
+        _used(pool.storage(MB))
         messages[:] = [9, 9]
-        kept.append(pool.storage(2 * MB))
+        kept.append(_used(pool.storage(2 * MB)))
         assert _inode(kept[-1]) != inode  # the saver's process still maps it
         inbox.put("drop")
         assert outbox.get(timeout=60) == "dropped"
-        kept.append(pool.storage(2 * MB))
+        kept.append(_used(pool.storage(2 * MB)))
         assert _inode(kept[-1]) != inode  # its maps are read again only once it has taken another message
         messages[:] = [10, 10]
-        assert _inode(pool.storage(2 * MB)) == inode and pool.reused == 2
+        assert _inode(_used(pool.storage(2 * MB))) == inode and pool.reused == 2
     finally:
         saver.join(timeout=60)
         pool.close()

@@ -140,7 +140,6 @@ class McoreLoader:
         self.tp_extend = bool(getattr(cargs, "moe_tp_extend_ep", False))
         self.te_grouped = self.impl == "transformer_engine" and any(".mlp.experts.linear_fc1.weight" in n for n in raw_names)
         self._chunks: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-        self._read: list[torch.Tensor] = []  # rank-file tensors read for the message being built
         self._adapters: dict[tuple[int, int, int], list[dict[str, dict[str, torch.Tensor]]]] = {}
         self.lora = LoraOptions(args.lora_r, args.lora_alpha, args.lora_target_modules, args.lora_use_rslora)
         self.lora_files = self._lora_files(args.lora_load, f)
@@ -232,11 +231,10 @@ class McoreLoader:
             name = prefix + param.name.format(**fmt)
             tps = range(self.files.tp) if only_tp is None else [only_tp]
             shards = [self.chunks(tp, seg.pp_rank, ep)[seg.chunk][name] for tp in tps]
-            self._read += shards
             rule = COLUMN if param.rule == VOCAB else param.rule
             keys = iter(param.keys)  # gather fills a gated pair's halves in key order
             full = gather(shards, rule, name, empty_shared if into is None else
-                          lambda shape, dtype, keys=keys: into(next(keys), shape, dtype))
+                          lambda shape, dtype, keys=keys: into(next(keys), shape, dtype), self.files.maps.copy)
             module = name.removesuffix(".weight")
             if only_tp is None and module in self.adapters(0, seg.pp_rank, ep, seg.chunk):
                 merged = self._merge(full, [self.adapters(tp, seg.pp_rank, ep, seg.chunk)[module] for tp in tps], rule, module)
@@ -261,10 +259,9 @@ class McoreLoader:
             self._copied()
 
     def _copied(self) -> None:
-        """The rank-file tensors read for the message just sent were copied into it: their pages leave this
-        process's memory (a memory-mapped page read counts in it until unmapped: a whole stage by its end)."""
-        self.files.maps.drop_pages(self._read)
-        self._read = []
+        """The rank-file tensors read through the map for the message just sent were copied into it: their pages
+        leave this process's memory (a memory-mapped page read counts in it until unmapped: a whole stage by its end)."""
+        self.files.maps.drop_read()
 
     def _merge(self, full: Any, adapter_shards: list[dict[str, torch.Tensor]], rule: str, module: str) -> Any:
         a, b = gather_adapter(adapter_shards, rule, module)

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import io
 import mmap
+import os
 import pickle
 import re
 import resource
@@ -212,15 +213,19 @@ MADV_DONTNEED = 4  # Linux
 
 
 class FileMaps:
-    """Where this process maps the rank files it opened, so that the pages of tensors already copied out can
-    leave its memory. A page read through a memory map counts in the process's memory (RSS, PSS) until the
-    file is unmapped; dropped with MADV_DONTNEED it stays in the page cache and is mapped again if read again.
-    torch maps them MAP_PRIVATE and nothing writes into a loaded tensor, so no page dropped holds data of its
-    own; only addresses inside a recorded file mapping are ever dropped (never anonymous or shared memory)."""
+    """Where this process maps the rank files it opened, to read tensors without the map and to drop pages read
+    through it. `copy` reads a tensor's bytes from its file straight into place with `preadv` (one kernel copy;
+    through the map each 64 KB costs a page fault, and the pages an unmap). A page read through a memory map counts
+    in the process's memory (RSS, PSS) until the file is unmapped; dropped with MADV_DONTNEED it stays in the page
+    cache and is mapped again if read again. torch maps them MAP_PRIVATE and nothing writes into a loaded tensor,
+    so no page dropped holds data of its own; only addresses inside a recorded file mapping are ever dropped
+    (never anonymous or shared memory)."""
 
     def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
+        self.ranges: list[tuple[int, int, int, int]] = []  # (low, high, file offset of low, descriptor)
         self.page = mmap.PAGESIZE
+        self.read_through_map: list[torch.Tensor] = []  # tensors `copy` read through the map, until `drop_read`
+        self.scratch = torch.empty(0, dtype=torch.uint8)
         self._madvise = _libc_madvise()
 
     def add(self, path: Path) -> None:
@@ -230,24 +235,62 @@ class FileMaps:
         name = str(path.resolve())
         try:
             with open("/proc/self/maps") as f:
-                for line in f:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) == 6 and fields[5].rstrip("\n") == name:
-                        low, high = (int(x, 16) for x in fields[0].split("-"))
-                        self.ranges.append((low, high))
+                found = [fields for line in f if len(fields := line.split(maxsplit=5)) == 6 and fields[5].rstrip("\n") == name]
+            if found:
+                raise_open_file_limit(len(self.ranges) + len(found))
+                fd = os.open(name, os.O_RDONLY)
         except OSError:
             return
+        for fields in found:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            self.ranges.append((low, high, int(fields[2], 16), fd))
+
+    def _mapping(self, start: int, end: int) -> tuple[int, int, int, int] | None:
+        for mapping in self.ranges:
+            if mapping[0] <= start and end <= mapping[1] and start < end:
+                return mapping
+        return None
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """`dst.copy_(src)`, read from the file when `src` is a contiguous tensor in a recorded mapping: straight
+        into a contiguous `dst`, else (a row-parallel shard's slab) through a small reused buffer."""
+        if dst.dtype == src.dtype and dst.shape == src.shape and src.is_contiguous():
+            nbytes = src.numel() * src.element_size()
+            mapping = self._mapping(src.data_ptr(), src.data_ptr() + nbytes)
+            if mapping is not None:
+                into = dst if dst.is_contiguous() else self._scratch(nbytes)
+                offset, view = mapping[2] + src.data_ptr() - mapping[0], memoryview(into.reshape(-1).view(torch.uint8).numpy())
+                while len(view):
+                    n = os.preadv(mapping[3], [view], offset)
+                    if n <= 0:
+                        raise ConversionError(f"a rank file ended while reading a tensor of shape {list(src.shape)}")
+                    view, offset = view[n:], offset + n
+                if into is not dst:
+                    dst.copy_(into.view(dst.dtype).view(dst.shape))
+                return
+        dst.copy_(src)
+        self.read_through_map.append(src)
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        if self.scratch.numel() < nbytes:
+            self.scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self.scratch[:nbytes]
+
+    def drop_read(self) -> None:
+        """Drop the pages of the tensors `copy` read through the map since the last call."""
+        self.drop_pages(self.read_through_map)
+        self.read_through_map = []
 
     def drop_pages(self, tensors: Iterable[torch.Tensor]) -> None:
         """Drop the pages holding these tensors' data (whole pages, edges shared with neighbours included)."""
         for t in tensors:
             storage = t.untyped_storage()
             start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-            for low, high in self.ranges:
-                if low <= start and end <= high and start < end:
-                    first, last = max(low, start // self.page * self.page), min(high, -(-end // self.page) * self.page)
-                    self._madvise(first, last - first, MADV_DONTNEED)
-                    break
+            mapping = self._mapping(start, end)
+            if mapping is not None:
+                low, high = mapping[:2]
+                first, last = max(low, start // self.page * self.page), min(high, -(-end // self.page) * self.page)
+                self._madvise(first, last - first, MADV_DONTNEED)
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..errors import ConversionError
 from .block_file import BLOCK, BlockFile
@@ -56,18 +55,19 @@ POOL_BYTES = 512 << 20
 
 
 class SharedPool:
-    """Shared-memory buffers used again once nobody can see them. Filling fresh pages costs the loader
-    more than the copy into them (1 GB/s against 4-5 GB/s into pages used before, 2-core VM).
+    """Shared-memory buffers used again once nobody can see them, kept mapped in this process. Filling fresh
+    pages costs the loader more than the copy into them (1 GB/s against 4-5 GB/s into pages used before, 2-core
+    VM), and mapping a buffer again costs a page fault per 64 KB and an unmap.
 
-    A lent buffer is idle again when (1) no tensor in this process uses it any more (a weak reference
-    at the storage level), (2) the saver has since received a message put after that moment, so it
-    has unpickled every message that could carry the buffer, and (3) the saver's process no longer
-    maps it (its /proc maps; in-process savers are covered by (1)). At most `budget` bytes are pooled.
+    A lent buffer is idle again when (1) no tensor in this process uses it any more (the pool's reference is
+    the storage's only one), (2) the saver has since received a message put after that moment, so it has
+    unpickled every message that could carry the buffer, and (3) the saver's process no longer maps it (its
+    /proc maps; in-process savers are covered by (1)). At most `budget` bytes are pooled.
     """
 
     def __init__(self, saver_pid: int, messages: Callable[[], tuple[int, int]], budget: int = POOL_BYTES) -> None:
         self.saver_pid, self.messages, self.budget = saver_pid, messages, budget
-        self.idle: dict[int, list[int]] = {}  # bytes -> file descriptors of idle buffers
+        self.idle: dict[int, list[torch.UntypedStorage]] = {}  # bytes -> idle buffers
         self.lent: list[_Lent] = []
         self.held = 0
         self.reused = 0
@@ -77,22 +77,20 @@ class SharedPool:
         self._collect()
         if self.idle.get(nbytes):
             self.reused += 1
-            fd = self.idle[nbytes].pop()
-            storage = torch.UntypedStorage._new_shared_fd_cpu(os.dup(fd), nbytes)
+            storage = self.idle[nbytes].pop()
         else:
             storage = torch.UntypedStorage._new_shared(nbytes)
             self._make_room(nbytes)
             if self.held + nbytes > self.budget:
                 return storage  # not pooled
-            fd = os.dup(storage._share_fd_cpu_()[0])
             self.held += nbytes
-        self.lent.append(_Lent(StorageWeakRef(storage), fd, nbytes, os.fstat(fd).st_ino))
+        self.lent.append(_Lent(storage, nbytes, os.fstat(storage._share_fd_cpu_()[0]).st_ino))
         return storage
 
     def _make_room(self, nbytes: int) -> None:
-        for size, fds in self.idle.items():
-            while fds and self.held + nbytes > self.budget:
-                os.close(fds.pop())
+        for size, storages in self.idle.items():
+            while storages and self.held + nbytes > self.budget:
+                storages.pop()
                 self.held -= size
 
     def _collect(self) -> None:
@@ -100,7 +98,7 @@ class SharedPool:
         mapped: set[int] | None = None
         still: list[_Lent] = []
         for lent in self.lent:
-            if lent.since is None and lent.ref.expired():
+            if lent.since is None and torch._C._storage_Use_Count(lent.storage._cdata) == 1:
                 lent.since = sent
             if lent.since is None or taken <= lent.since:
                 still.append(lent)
@@ -110,26 +108,26 @@ class SharedPool:
             if mapped is None or lent.inode in mapped:
                 still.append(lent)
             else:
-                self.idle.setdefault(lent.nbytes, []).append(lent.fd)
+                self.idle.setdefault(lent.nbytes, []).append(lent.storage)
         self.lent = still
 
     def _saver_maps(self, taken: int) -> set[int] | None:
         """The saver's mapped inodes, read again only once it has taken another message (reading its maps costs
         1-2 ms, once per tensor before). A reading made once it had taken `taken` messages still proves (3) for
         every buffer whose (2) holds at `taken`: the saver maps no buffer again after unpickling its messages."""
+        if self.saver_pid == os.getpid():
+            return set()  # an in-process saver: (1) covers it (this process maps every pooled buffer)
         if self._maps is None or self._maps[0] != taken:
             self._maps = (taken, _mapped_inodes(self.saver_pid))
         return self._maps[1]
 
     def close(self) -> None:
-        for fd in [lent.fd for lent in self.lent] + [fd for fds in self.idle.values() for fd in fds]:
-            os.close(fd)
         self.lent, self.idle, self.held = [], {}, 0
 
 
 class _Lent:
-    def __init__(self, ref: Any, fd: int, nbytes: int, inode: int) -> None:
-        self.ref, self.fd, self.nbytes, self.inode = ref, fd, nbytes, inode
+    def __init__(self, storage: torch.UntypedStorage, nbytes: int, inode: int) -> None:
+        self.storage, self.nbytes, self.inode = storage, nbytes, inode
         self.since: int | None = None  # messages put when this process stopped using the buffer
 
 

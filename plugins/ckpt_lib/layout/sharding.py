@@ -113,19 +113,25 @@ def split_stacked(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rule: str
 
 
 def gather(shards: list[torch.Tensor], rule: str, what: str = "tensor",
-           empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           empty: Callable[[list[int], torch.dtype], torch.Tensor] | None = None,
+           copy: Callable[[torch.Tensor, torch.Tensor], None] = torch.Tensor.copy_) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `split`: rebuild the full tensor (a (gate, up) pair for `gated`). With `empty`, the result is
     copied once into `empty(shape, dtype)` (a loader's shared memory, queued without another copy), never a
-    view of a shard (whose storage the queue would otherwise move into shared memory, under the shard's owner)."""
+    view of a shard (whose storage the queue would otherwise move into shared memory, under the shard's owner);
+    each shard goes into its slab with `copy(slab, shard)` (a loader reads it from its file straight into place)."""
 
     def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         if empty is None:
             return torch.cat(parts, dim=dim)
         shape = list(parts[0].shape)
-        if len(parts) == 1:
-            return empty(shape, parts[0].dtype).copy_(parts[0])
         shape[dim] = sum(p.shape[dim] for p in parts)
-        return torch.cat(parts, dim=dim, out=empty(shape, parts[0].dtype))
+        out, start = empty(shape, parts[0].dtype), 0
+        for i, part in enumerate(parts):
+            if part.dim() != len(shape) or any(a != b for d, (a, b) in enumerate(zip(part.shape, shape)) if d != dim):
+                raise ConversionError(f"{what}: shard {i} has shape {tuple(part.shape)}, the others {tuple(parts[0].shape)}")
+            copy(out.narrow(dim, start, part.shape[dim]), part)
+            start += part.shape[dim]
+        return out
 
     if rule == REPLICATED or (rule == ROW and shards[0].dim() == 1):
         first = shards[0]
