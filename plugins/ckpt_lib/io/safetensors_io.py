@@ -70,7 +70,7 @@ class SharedPool:
         self.idle: dict[int, list[torch.UntypedStorage]] = {}  # bytes -> idle buffers
         self.lent: list[_Lent] = []
         self.held = 0
-        self.reused = 0
+        self.reused = self.fresh = self.fresh_bytes = 0
         self._maps: tuple[int, set[int] | None] | None = None  # (messages taken, the saver's mapped inodes then)
 
     def storage(self, nbytes: int) -> torch.UntypedStorage:
@@ -80,6 +80,7 @@ class SharedPool:
             storage = self.idle[nbytes].pop()
         else:
             storage = torch.UntypedStorage._new_shared(nbytes)
+            self.fresh, self.fresh_bytes = self.fresh + 1, self.fresh_bytes + nbytes
             self._make_room(nbytes)
             if self.held + nbytes > self.budget:
                 return storage  # not pooled

@@ -122,7 +122,7 @@ def run_loader(body: Callable[[Any, Any], None], queue: Any, args: Any) -> None:
     finally:
         if pool is not None:
             if debug():
-                print(f"loader: {pool.reused} reads into reused shared memory", file=sys.stderr, flush=True)
+                print(f"loader: {pool.reused} reads into reused shared memory, {pool.fresh} fresh ({pool.fresh_bytes / 1e9:.2f} GB)", file=sys.stderr, flush=True)
             pool.close()  # the saver's mappings stay valid; idle buffers are freed
 
 
