@@ -71,7 +71,7 @@ def measure(src: Path, out: Path, flags: list[str], cold: bool, extra: list[str]
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "convert.py"), "--model-type", "GPT", "--load-dir", str(src), "--save-dir", str(out),
            *flags, *extra]
-    wall, peak, _ = run_measured(cmd)
+    wall, peak, _ = run_measured(cmd, drop_caches if cold else None)
     out_bytes = dir_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     if cold:
