@@ -324,6 +324,34 @@ def test_rank_file_tensors_are_read_from_the_file_not_the_map(tmp_path):
         gather([shards[0], shards[1][:, :8]], COLUMN, "w", lambda shape, dtype: torch.empty(shape, dtype=dtype))
 
 
+def test_a_rank_file_of_the_other_byte_order_is_read_as_torch_loads_it(tmp_path):
+    """torch.load swaps a big-endian file's tensors in place (private pages): those are neither the file's bytes
+    nor droppable, so the loader copies them from the loaded tensor and drops nothing."""
+    import zipfile
+
+    import numpy as np
+
+    from ckpt_lib.io.megatron_io import FileMaps, load_rank_file
+
+    w = torch.randn(256, 1024)
+    torch.save({"model": {"w": w}}, tmp_path / "little.pt")
+    with zipfile.ZipFile(tmp_path / "little.pt") as zin, zipfile.ZipFile(tmp_path / "big.pt", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename:
+                data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+            zout.writestr(info.filename, data)
+    loaded = load_rank_file(tmp_path / "big.pt")["model"]["w"]
+    maps = FileMaps()
+    maps.add(tmp_path / "big.pt")
+    out = torch.empty_like(w)
+    maps.copy(out, loaded)
+    maps.drop_read()
+    assert torch.equal(out, w) and torch.equal(loaded, w)
+
+
 def test_rank_file_pages_leave_the_loader_once_copied(tmp_path):
     """loader_core_ext drops the pages of rank-file tensors it has copied into a message (a mapped page read
     counts in its memory until unmapped); the tensor reads the same after, other memory is never touched."""

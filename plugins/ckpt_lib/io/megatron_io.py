@@ -230,7 +230,7 @@ class FileMaps:
 
     def add(self, path: Path) -> None:
         """Record the mappings of a file just opened (none where /proc or madvise is not available)."""
-        if self._madvise is None:
+        if self._madvise is None or not _native_byte_order(path):
             return
         name = str(path.resolve())
         try:
@@ -291,6 +291,18 @@ class FileMaps:
                 low, high = mapping[:2]
                 first, last = max(low, start // self.page * self.page), min(high, -(-end // self.page) * self.page)
                 self._madvise(first, last - first, MADV_DONTNEED)
+
+
+def _native_byte_order(path: Path) -> bool:
+    """Whether torch.load left the file's tensor bytes as they are: a file saved on a machine of the other byte
+    order is swapped in place (its pages are then private copies, neither the file's bytes nor droppable)."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        if reader.has_record("byteorder"):
+            return bytes(reader.get_record("byteorder")) == sys.byteorder.encode()
+    except RuntimeError:
+        return False
+    return torch.serialization.get_default_load_endianness() in (None, torch.serialization.LoadEndianness.NATIVE)
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
