@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import re
 import struct
 import time
@@ -322,6 +323,10 @@ def test_rank_file_tensors_are_read_from_the_file_not_the_map(tmp_path):
     maps.drop_read()
     with pytest.raises(ConversionError, match="shard 1 has shape"):
         gather([shards[0], shards[1][:, :8]], COLUMN, "w", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    descriptor = maps.ranges[0][3]
+    del maps
+    with pytest.raises(OSError):  # the file closes with its FileMaps (in-process conversions open no more)
+        os.fstat(descriptor)
 
 
 def test_a_rank_file_of_the_other_byte_order_is_read_as_torch_loads_it(tmp_path):

@@ -22,6 +22,7 @@ import re
 import resource
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -227,6 +228,8 @@ class FileMaps:
         self.read_through_map: list[torch.Tensor] = []  # tensors `copy` read through the map, until `drop_read`
         self.scratch = torch.empty(0, dtype=torch.uint8)
         self._madvise = _libc_madvise()
+        self._fds: list[int] = []
+        weakref.finalize(self, _close_all, self._fds)  # the loader's files close with it (in-process runs too)
 
     def add(self, path: Path) -> None:
         """Record the mappings of a file just opened (none where /proc or madvise is not available)."""
@@ -239,6 +242,7 @@ class FileMaps:
             if found:
                 raise_open_file_limit(len(self.ranges) + len(found))
                 fd = os.open(name, os.O_RDONLY)
+                self._fds.append(fd)
         except OSError:
             return
         for fields in found:
@@ -291,6 +295,11 @@ class FileMaps:
                 low, high = mapping[:2]
                 first, last = max(low, start // self.page * self.page), min(high, -(-end // self.page) * self.page)
                 self._madvise(first, last - first, MADV_DONTNEED)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _native_byte_order(path: Path) -> bool:
