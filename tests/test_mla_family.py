@@ -25,6 +25,7 @@ from util import (
     assert_same_conversion,
     assert_same_tensors,
     convert_inprocess,
+    fuse_experts,
     hf_logits,
     make_deepseek_model,
     read_mcore_dir,
@@ -223,23 +224,6 @@ def test_expressible_group_limited_v2_matches(tmp_path):
     main, _ = diffs(tmp_path / "mc", model, {})
     print(f"v2 group_limited_greedy: logits max abs diff {main:.2e}")
     assert main < 1e-4
-
-
-def fuse_experts(src, dst):
-    """The same checkpoint with transformers' in-memory expert layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
-    from safetensors.torch import save_file
-
-    tensors, cfg = read_safetensors_dir(src), json.loads((src / "config.json").read_text())
-    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    experts = range(cfg["n_routed_experts"])
-    for layer in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}.mlp.experts."
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"]])
-                                               for e in experts])
-        out[p + "down_proj"] = torch.stack([tensors[f"{p}{e}.down_proj.weight"] for e in experts])
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(src / "config.json", dst / "config.json")
 
 
 def test_fused_experts_and_te_names(tmp_path, tmp_path_factory):
