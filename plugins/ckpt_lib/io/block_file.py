@@ -168,17 +168,7 @@ class BlockFile:
             for item in rows_of_bytes:
                 self.put(item)
             return
-        done = 0
-        while done < rows_of_bytes.shape[0]:
-            buf = self._space()
-            rows = min(rows_of_bytes.shape[0] - done, (BLOCK - self.fill) // row)
-            if rows == 0:
-                self._send(self.fill)  # too little room left for one row
-                continue
-            target = buf[1][self.fill:self.fill + rows * row].view(rows, *rows_of_bytes.shape[1:])
-            target.copy_(rows_of_bytes[done:done + rows])
-            self._advance(rows * row)
-            done += rows
+        self._put_rows(rows_of_bytes, torch.uint8, row)
 
     def _put_cast(self, source: torch.Tensor, dtype: torch.dtype) -> None:
         """`source`'s values converted to `dtype` by the copy into the buffers, in rows of its last dimension
@@ -199,6 +189,11 @@ class BlockFile:
                     self._advance(n * dtype.itemsize)
                     done += n
             return
+        self._put_rows(rows, dtype, row)
+
+    def _put_rows(self, rows: torch.Tensor, dtype: torch.dtype, row: int) -> None:
+        """`rows` ([count, ...], each `row` bytes once in `dtype`) copied, and converted if their dtype differs,
+        into the buffers as many whole rows at a time as fit."""
         done = 0
         while done < rows.shape[0]:
             buf = self._space()
@@ -206,7 +201,7 @@ class BlockFile:
             if count == 0:
                 self._send(self.fill)  # too little room left for one row
                 continue
-            target = buf[1][self.fill:self.fill + count * row].view(dtype).view(count, rows.shape[1])
+            target = buf[1][self.fill:self.fill + count * row].view(dtype).view(count, *rows.shape[1:])
             target.copy_(rows[done:done + count])
             self._advance(count * row)
             done += count
